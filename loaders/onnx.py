@@ -1,0 +1,119 @@
+"""onnxruntime loader: one InferenceSession per model version."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from loaders.base import InputError, LoadedModel, Loader, LoadError, RunError, TensorSig
+
+# onnxruntime's type strings -> numpy
+ORT_DTYPES: dict[str, np.dtype] = {
+    "tensor(bool)": np.dtype(np.bool_),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(string)": np.dtype(np.object_),
+}
+
+GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def _signature(args: list[ort.NodeArg], what: str) -> list[TensorSig]:
+    sigs = []
+    for arg in args:
+        dtype = ORT_DTYPES.get(arg.type)
+        if dtype is None:
+            raise LoadError(
+                f"{what} {arg.name!r} has type {arg.type}, which fleetserve cannot serve"
+            )
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+        sigs.append(TensorSig(arg.name, dtype, shape))
+    return sigs
+
+
+def _to_text(name: str, array: np.ndarray) -> np.ndarray:
+    """onnxruntime wants str for string tensors; the protocol carries bytes."""
+    try:
+        text = [b.decode() if isinstance(b, bytes) else str(b) for b in array.ravel()]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"input {name!r}: ONNX string tensors hold UTF-8 text ({exc})") from None
+    return np.array(text, dtype=object).reshape(array.shape)
+
+
+def _to_bytes(array: np.ndarray) -> np.ndarray:
+    flat = [s.encode() if isinstance(s, str) else bytes(s) for s in array.ravel()]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(array.shape)
+
+
+class OnnxModel(LoadedModel):
+    def __init__(self, session: ort.InferenceSession, size_bytes: int) -> None:
+        self._session = session
+        self.inputs = _signature(session.get_inputs(), "input")
+        self.outputs = _signature(session.get_outputs(), "output")
+        self.size_bytes = size_bytes
+        self._text_inputs = {s.name for s in self.inputs if s.dtype == np.object_}
+        self._text_outputs = {s.name for s in self.outputs if s.dtype == np.object_}
+        self._all_outputs = [s.name for s in self.outputs]
+
+    def run(
+        self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        if self._text_inputs:
+            inputs = {k: _to_text(k, v) if k in self._text_inputs else v for k, v in inputs.items()}
+        names = output_names or self._all_outputs
+        try:
+            results = self._session.run(names, inputs)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RunError(str(exc)) from None
+        out = dict(zip(names, results, strict=True))
+        for name in self._text_outputs.intersection(out):
+            out[name] = _to_bytes(out[name])
+        return out
+
+    def unload(self) -> None:
+        del self._session
+
+
+class OnnxLoader(Loader):
+    """Loads model.onnx with onnxruntime, honouring threads, graph level and providers."""
+
+    def load(self) -> LoadedModel:
+        opts = self.options
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = opts.intra_op_threads
+        so.inter_op_num_threads = opts.inter_op_threads
+        so.graph_optimization_level = GRAPH_LEVELS[opts.graph_optimization_level]
+        available = set(ort.get_available_providers())
+        missing = [p for p in opts.execution_providers if p not in available]
+        if missing:
+            raise LoadError(
+                f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
+                f"build (available: {', '.join(sorted(available))})"
+            )
+        try:
+            model_bytes = self.path.read_bytes()
+        except OSError as exc:
+            raise LoadError(f"cannot read {self.path.name}: {exc.strerror}") from None
+        try:
+            session = ort.InferenceSession(
+                model_bytes, sess_options=so, providers=list(opts.execution_providers)
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise LoadError(f"onnxruntime cannot load {self.path.name}: {exc}") from None
+        return OnnxModel(session, self.estimate_bytes())

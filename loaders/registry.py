@@ -1,0 +1,22 @@
+"""Loader kinds by name, imported lazily so an unused runtime costs nothing."""
+
+from __future__ import annotations
+
+import importlib
+
+from loaders.base import Loader
+
+# platform / backend name (Triton's spelling) -> "module:Class"
+LOADERS: dict[str, str] = {
+    "onnxruntime_onnx": "loaders.onnx:OnnxLoader",
+    "onnxruntime": "loaders.onnx:OnnxLoader",
+}
+
+# the file a loader kind reads inside a version directory, when the config names none
+DEFAULT_FILENAMES: dict[str, str] = {"onnxruntime_onnx": "model.onnx", "onnxruntime": "model.onnx"}
+
+
+def loader_class(kind: str) -> type[Loader]:
+    """The Loader class for a platform or backend name; KeyError when unknown."""
+    module_name, _, class_name = LOADERS[kind].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)

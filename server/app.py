@@ -1,0 +1,143 @@
+"""Composition root and lifecycle: the only place that builds concrete objects.
+
+Start order: pools, core, listeners (live at once, ready once startup loads finish).
+Stop order is the reverse, each step bounded by the shutdown timeout: stop
+accepting, let in-flight requests finish, unload models, shut the pools down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from aiohttp import web
+
+from server.cache import ModelCache
+from server.config import Settings
+from server.errors import ServerError
+from server.grpc_api import GrpcApi
+from server.inference import InferenceService
+from server.metrics import Metrics
+from server.repository import Repository
+from server.rest_api import RestApi, metrics_app
+from server.router import Router
+from server.types import ModelId
+
+log = logging.getLogger(__name__)
+
+
+async def measure_thread_hop_us(pool: ThreadPoolExecutor, samples: int = 200) -> float:
+    """Median microseconds of a round trip to `pool` and back: the price of running off-loop."""
+    loop = asyncio.get_running_loop()
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        await loop.run_in_executor(pool, int)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+class App:
+    """One fleetserve server: REST, gRPC and metrics listeners over one core."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics(settings.metrics_max_models)
+        self.repository = Repository(settings)
+        self.router = Router(self.repository)
+        self.load_pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="load")
+        self.run_pool = ThreadPoolExecutor(settings.run_threads, thread_name_prefix="run")
+        self.cache: ModelCache | None = None
+        self.service: InferenceService | None = None
+        self.http_port = self.grpc_port = self.metrics_port = 0
+        self._runners: list[web.AppRunner] = []
+        self._grpc: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        inline_us = s.inline_run_us
+        if inline_us is None:
+            inline_us = await measure_thread_hop_us(self.run_pool)
+        log.info("thread hop %.1fus: models faster than that run on the event loop", inline_us)
+        self.cache = ModelCache(self.repository, s, self.metrics, self.load_pool, inline_us)
+        self.service = InferenceService(
+            self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us
+        )
+        names = self.repository.scan()
+        log.info("model repository %s: %d models", s.model_repository, len(names))
+
+        rest = RestApi(self.service, s.max_request_bytes)
+        self.http_port = await self._serve_http(rest.app(), s.http_port)
+        if s.metrics_port >= 0:
+            self.metrics_port = await self._serve_http(
+                metrics_app(self.metrics.render), s.metrics_port
+            )
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.max_request_bytes),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._grpc.add_generic_rpc_handlers(GrpcApi(self.service).handlers())
+        self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
+        await self._grpc.start()
+
+        await self._load_all(names)
+        self.service.ready = True
+        log.info(
+            "fleetserve ready: http %s:%d grpc %s:%d metrics %s:%d",
+            s.host, self.http_port, s.host, self.grpc_port, s.host, self.metrics_port,
+        )  # fmt: skip
+
+    async def _serve_http(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=self.settings.shutdown_timeout_s
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.settings.host, port))
+        site = web.SockSite(runner, sock, backlog=1024)
+        await site.start()
+        return sock.getsockname()[1]
+
+    async def _load_all(self, names: list[str]) -> None:
+        """Load every servable version at startup; a failure leaves the others serving."""
+        assert self.cache is not None
+        ids = []
+        for name in names:
+            entry = self.repository.entry(name)
+            if entry.config is None:
+                log.error("model %s: %s", name, entry.error)
+            ids += [ModelId(name, v) for v in entry.servable]
+        results = await asyncio.gather(*(self.cache.load(i) for i in ids), return_exceptions=True)
+        for model_id, result in zip(ids, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, ServerError):
+                log.error("model %s: unexpected load error", model_id, exc_info=result)
+
+    async def stop(self) -> None:
+        """Graceful stop: refuse new work, finish in-flight requests, free everything."""
+        timeout = self.settings.shutdown_timeout_s
+        if self.service is not None:
+            self.service.ready = False
+        tasks = [runner.cleanup() for runner in self._runners]
+        if self._grpc is not None:
+            tasks.append(self._grpc.stop(grace=timeout))
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.cache is not None:
+            await self.cache.close()
+        self.run_pool.shutdown(wait=True, cancel_futures=True)
+        self.load_pool.shutdown(wait=True, cancel_futures=True)
+        log.info("fleetserve stopped")
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,271 @@
+"""Loaded models: lazy single-flight loads, leases, draining unloads.
+
+Every model version has one `Slot` holding its state. `acquire()` is the hot path: a
+dict lookup and a lease count when the version is READY; on a miss it starts (or
+joins) the one load of that version. Loads run on their own thread pool, so a slow
+load never starves inference. `unload()` marks the version DRAINING, waits for its
+leases to reach zero (bounded), then frees it off the loop: a request never loses
+its model under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from loaders.base import LoadedModel, LoadError, TensorSig
+from server.config import ModelConfig, Settings
+from server.errors import InvalidArgument, NotFound, ServerError, Unavailable
+from server.metrics import Metrics
+from server.repository import Repository
+from server.stats import ModelStats
+from server.types import ModelId, ModelState, TensorSpec, datatype_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Servable:
+    """A READY model version and everything the request path needs to use it."""
+
+    id: ModelId
+    config: ModelConfig  # completed from the model's own signature
+    model: LoadedModel
+    inputs: dict[str, TensorSpec]  # full shapes (batch dimension included)
+    outputs: dict[str, TensorSpec]
+    inline: bool  # run on the event loop: measured faster than a thread hop
+    run_us: float  # measured time of one warm batch-1 run
+    stats: ModelStats = field(default_factory=ModelStats)
+
+    @property
+    def version(self) -> str:
+        return str(self.id.version)
+
+
+@dataclass(eq=False)
+class Slot:
+    """The state of one model version, loaded or not."""
+
+    state: ModelState = ModelState.UNLOADED
+    reason: str = ""
+    servable: Servable | None = None
+    leases: int = 0
+    loading: asyncio.Future[Servable] | None = None
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ModelCache:
+    """Owns every loaded model; the only place that loads or unloads one."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        settings: Settings,
+        metrics: Metrics,
+        load_pool: ThreadPoolExecutor,
+        inline_run_us: float,
+    ) -> None:
+        self._repository = repository
+        self._settings = settings
+        self._metrics = metrics
+        self._load_pool = load_pool
+        self._inline_run_us = inline_run_us
+        self._slots: dict[ModelId, Slot] = {}
+
+    # -- request path -------------------------------------------------------------
+
+    async def acquire(self, model_id: ModelId) -> Servable:
+        """A leased, READY servable; loads it first if needed. Pair with `release`."""
+        slot = self._slots.get(model_id)
+        if slot is not None and slot.state is ModelState.READY:
+            slot.leases += 1
+            return slot.servable  # type: ignore[return-value]
+        servable = await self.load(model_id, reload=False)
+        slot = self._slots[model_id]
+        if slot.state is not ModelState.READY or slot.servable is not servable:
+            raise Unavailable(f"model {model_id} is {slot.state.value.lower()}")
+        slot.leases += 1
+        return servable
+
+    def release(self, servable: Servable) -> None:
+        slot = self._slots[servable.id]
+        slot.leases -= 1
+        if slot.leases == 0:
+            slot.idle.set()
+
+    # -- state --------------------------------------------------------------------
+
+    def state(self, model_id: ModelId) -> tuple[ModelState, str]:
+        slot = self._slots.get(model_id)
+        return (slot.state, slot.reason) if slot else (ModelState.UNLOADED, "")
+
+    def servable(self, model_id: ModelId) -> Servable | None:
+        """The READY servable of a version, without taking a lease."""
+        slot = self._slots.get(model_id)
+        return slot.servable if slot is not None and slot.state is ModelState.READY else None
+
+    def loaded(self) -> list[Servable]:
+        return [s.servable for s in self._slots.values() if s.servable is not None]
+
+    # -- loading ------------------------------------------------------------------
+
+    async def load(self, model_id: ModelId, *, reload: bool = True) -> Servable:
+        """Load one version (single flight: concurrent callers share one load)."""
+        slot = self._slots.setdefault(model_id, Slot())
+        if slot.loading is not None:
+            return await asyncio.shield(slot.loading)
+        if slot.state is ModelState.READY and not reload:
+            return slot.servable  # type: ignore[return-value]
+        if slot.state is ModelState.READY:
+            await self.unload(model_id)
+        slot.state, slot.reason = ModelState.LOADING, ""
+        slot.loading = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        try:
+            servable = await self._load(model_id)
+        except ServerError as exc:
+            slot.state, slot.reason = ModelState.FAILED, exc.message
+            self._metrics.load_failures.inc()
+            log.warning("load of %s failed: %s", model_id, exc.message)
+            slot.loading.set_exception(exc)
+            slot.loading.exception()  # retrieved: waiters re-raise it, none are required
+            raise
+        finally:
+            slot.loading = None
+        slot.state, slot.servable = ModelState.READY, servable
+        self._metrics.loads.inc()
+        self._metrics.load_seconds.observe(time.perf_counter() - started)
+        self._metrics.loaded_models.inc()
+        log.info(
+            "loaded %s in %.3fs (run %.0fus, %s)",
+            model_id,
+            time.perf_counter() - started,
+            servable.run_us,
+            "inline" if servable.inline else "run pool",
+        )
+        return servable
+
+    async def _load(self, model_id: ModelId) -> Servable:
+        entry = self._repository.entry(model_id.name)
+        if entry.config is None:
+            raise InvalidArgument(entry.error)
+        if model_id.version not in entry.versions:
+            raise NotFound(f"model {model_id.name!r} has no version {model_id.version}")
+        config = entry.config
+        loader = self._repository.loader(model_id, config, self._settings)
+        loop = asyncio.get_running_loop()
+        try:
+            model = await loop.run_in_executor(self._load_pool, loader.load)
+        except LoadError as exc:
+            raise Unavailable(f"model {model_id} failed to load: {exc}") from None
+        try:
+            return await loop.run_in_executor(
+                self._load_pool, self._prepare, model_id, config, model
+            )
+        except ServerError:
+            await loop.run_in_executor(self._load_pool, model.unload)
+            raise
+
+    def _prepare(self, model_id: ModelId, config: ModelConfig, model: LoadedModel) -> Servable:
+        """Check the config against the model, complete it, and time one warm run."""
+        inputs = [_spec(s) for s in model.inputs]
+        outputs = [_spec(s) for s in model.outputs]
+        config = config.completed(inputs, outputs, self._settings.default_max_batch_size)
+        _check_against_model(model_id, "input", config.inputs, inputs, config.max_batch_size)
+        _check_against_model(model_id, "output", config.outputs, outputs, config.max_batch_size)
+        batch = (-1,) if config.max_batch_size > 0 else ()
+        full_in = {s.name: TensorSpec(s.name, s.datatype, batch + s.shape) for s in config.inputs}
+        full_out = {s.name: TensorSpec(s.name, s.datatype, batch + s.shape) for s in config.outputs}
+        run_us = _time_run(model, full_in.values())
+        return Servable(
+            id=model_id,
+            config=config,
+            model=model,
+            inputs=full_in,
+            outputs=full_out,
+            inline=run_us is not None and run_us < self._inline_run_us,
+            run_us=run_us if run_us is not None else float("nan"),
+        )
+
+    async def unload(self, model_id: ModelId) -> None:
+        """Drain (bounded by the shutdown timeout) then free one version."""
+        slot = self._slots.get(model_id)
+        if slot is None or slot.servable is None:
+            raise NotFound(f"model {model_id} is not loaded")
+        servable = slot.servable
+        slot.state = ModelState.DRAINING
+        if slot.leases:
+            slot.idle.clear()
+            try:
+                await asyncio.wait_for(slot.idle.wait(), self._settings.shutdown_timeout_s)
+            except TimeoutError:
+                log.warning("unloading %s with %d requests still running", model_id, slot.leases)
+        slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, ""
+        self._metrics.loaded_models.dec()
+        await asyncio.get_running_loop().run_in_executor(self._load_pool, servable.model.unload)
+
+    async def close(self) -> None:
+        """Unload everything (shutdown)."""
+        for model_id in [m for m, s in self._slots.items() if s.servable is not None]:
+            await self.unload(model_id)
+
+
+def _spec(sig: TensorSig) -> TensorSpec:
+    return TensorSpec(sig.name, datatype_of(sig.dtype), sig.shape)
+
+
+def _check_against_model(
+    model_id: ModelId,
+    what: str,
+    declared: tuple[TensorSpec, ...],
+    actual: list[TensorSpec],
+    max_batch: int,
+) -> None:
+    """A config that disagrees with the model file fails the load, naming the tensor."""
+    by_name = {s.name: s for s in actual}
+    for spec in declared:
+        real = by_name.get(spec.name)
+        if real is None:
+            raise InvalidArgument(
+                f"model {model_id}: config {what} {spec.name!r} is not in the model "
+                f"(it has {', '.join(sorted(by_name))})"
+            )
+        if real.datatype != spec.datatype:
+            raise InvalidArgument(
+                f"model {model_id}: config {what} {spec.name!r} is {spec.datatype}, "
+                f"the model's is {real.datatype}"
+            )
+        shape = ((-1,) if max_batch > 0 else ()) + spec.shape
+        if len(real.shape) != len(shape) or any(
+            r != -1 and d != -1 and r != d for r, d in zip(real.shape, shape, strict=True)
+        ):
+            raise InvalidArgument(
+                f"model {model_id}: config {what} {spec.name!r} has shape {list(shape)} "
+                f"(max_batch_size {max_batch}), the model's is {list(real.shape)}"
+            )
+
+
+def _time_run(model: LoadedModel, inputs: object) -> float | None:
+    """Microseconds of one warm run at batch 1 on zeros; None if the model refuses zeros."""
+    feed = {}
+    for spec in inputs:  # type: ignore[attr-defined]
+        shape = tuple(1 if d == -1 else d for d in spec.shape)
+        if spec.datatype == "BYTES":
+            feed[spec.name] = np.full(shape, b"", dtype=object)
+        else:
+            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    try:
+        model.run(feed)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            model.run(feed)
+            times.append(time.perf_counter() - t0)
+    except Exception:  # a model may reject zeros; it then runs in the pool
+        return None
+    return sorted(times)[2] * 1e6

@@ -1,0 +1,127 @@
+"""Command line -> Settings -> App, and the signal handling around it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from server.config import Settings
+
+log = logging.getLogger("fleetserve")
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+          "tb": 1000**4, "tib": 1024**4}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Human sizes: 512, 64MiB, 4GiB, 1.5GB."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 4GiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    parser = argparse.ArgumentParser(prog="fleetserve", description="Multi-model inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model repository over REST and gRPC")
+    serve.add_argument(
+        "--model-repository", type=Path, required=True, help="Triton-layout directory"
+    )
+    serve.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
+    serve.add_argument(
+        "--http-port", type=int, default=d.http_port, help="REST port (0 = any free)"
+    )
+    serve.add_argument(
+        "--grpc-port", type=int, default=d.grpc_port, help="gRPC port (0 = any free)"
+    )
+    serve.add_argument(
+        "--metrics-port", type=int, default=d.metrics_port, help="Prometheus port (-1 = off)"
+    )
+    serve.add_argument(
+        "--max-request-size", type=parse_size, default=d.max_request_bytes,
+        help="largest request body accepted (default 64MiB)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--default-max-batch-size", type=int, default=d.default_max_batch_size,
+        help="max_batch_size for models without config.pbtxt that can batch",
+    )  # fmt: skip
+    serve.add_argument("--run-threads", type=int, default=d.run_threads, help="model run pool size")
+    serve.add_argument("--load-threads", type=int, default=d.load_threads, help="parallel loads")
+    serve.add_argument(
+        "--intra-op-threads", type=int, default=d.intra_op_threads,
+        help="onnxruntime threads per run, unless a model's config says otherwise",
+    )  # fmt: skip
+    serve.add_argument(
+        "--inline-run-us", type=float, default=None,
+        help="run models faster than this on the event loop (default: measured thread hop)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--shutdown-timeout", type=float, default=d.shutdown_timeout_s,
+        help="seconds to let in-flight requests finish on SIGTERM",
+    )  # fmt: skip
+    serve.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING, ERROR")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        model_repository=args.model_repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        max_request_bytes=args.max_request_size,
+        default_max_batch_size=args.default_max_batch_size,
+        run_threads=args.run_threads,
+        load_threads=args.load_threads,
+        intra_op_threads=args.intra_op_threads,
+        inline_run_us=args.inline_run_us,
+        shutdown_timeout_s=args.shutdown_timeout,
+        log_level=args.log_level.upper(),
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    from server.app import App
+
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        await stop.wait()
+        log.info("signal received: draining")
+    finally:
+        await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not settings.model_repository.is_dir():
+        log.error("model repository %s is not a directory", settings.model_repository)
+        return 2
+    uvloop.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Server settings and per-model configuration (Triton's config.pbtxt).
+
+config.pbtxt is Triton's `ModelConfig` in protobuf text format, so it is parsed with
+protobuf's own text parser and our subset of Triton's message (protos/): an unknown
+field is a parse error naming the field. This is the one module below the edges that
+touches a generated proto, and only to read a file format; what leaves it is the
+plain `ModelConfig` dataclass and Triton's JSON shape of the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format, text_format
+
+from loaders.base import LoadOptions
+from protos import model_config_pb2
+from server.errors import InvalidArgument
+from server.types import DTYPES, TensorSpec
+
+CONFIG_FILENAME = "config.pbtxt"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Server-wide options; every field has the default the CLI documents."""
+
+    model_repository: Path = Path("models")
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002  # -1 disables the metrics listener
+    max_request_bytes: int = 64 * 1024 * 1024
+    # max_batch_size given to models without config.pbtxt whose tensors all have a
+    # variable first dimension (Triton's autocomplete gives 4; ours serves bigger batches)
+    default_max_batch_size: int = 64
+    load_threads: int = 2
+    run_threads: int = 2
+    # a model runs inline on the event loop when one run is measured faster than this
+    # (the cost of a hop to the run pool and back, measured at startup when None)
+    inline_run_us: float | None = None
+    intra_op_threads: int = 1
+    shutdown_timeout_s: float = 30.0
+    metrics_max_models: int = 100  # models with their own metric labels; the rest are "other"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which versions on disk are servable: the latest N, all, or a specific list."""
+
+    kind: str = "latest"  # latest | all | specific
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The subset of Triton's ModelConfig that fleetserve acts on.
+
+    `inputs` / `outputs` give dims without the batch dimension, as config.pbtxt does;
+    empty means "complete them from the model file". `source` is the config as Triton
+    JSON (field names as in model_config.proto), echoed by the config endpoints.
+    """
+
+    name: str
+    platform: str = "onnxruntime_onnx"
+    max_batch_size: int = 0
+    max_batch_size_set: bool = False
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    version_policy: VersionPolicy = VersionPolicy()
+    default_model_filename: str = "model.onnx"
+    instance_count: int = 1
+    instance_kind: str = "KIND_AUTO"
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    graph_level: int = 0
+    dynamic_batching: Mapping[str, Any] | None = None
+    source: Mapping[str, Any] = field(default_factory=dict)
+
+    def load_options(self, settings: Settings) -> LoadOptions:
+        """onnxruntime options, using Triton's onnxruntime backend parameter names."""
+        params = self.parameters
+        try:
+            intra = int(params.get("intra_op_thread_count", settings.intra_op_threads))
+            inter = int(params.get("inter_op_thread_count", 1))
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"model {self.name!r}: bad thread count parameter: {exc}"
+            ) from None
+        level = {-1: "basic", 1: "extended"}.get(self.graph_level, "all")
+        providers = ("CPUExecutionProvider",)
+        if self.instance_kind == "KIND_GPU":
+            providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        return LoadOptions(
+            intra_op_threads=intra,
+            inter_op_threads=inter,
+            graph_optimization_level=params.get("graph_optimization_level", level),
+            execution_providers=providers,
+            extra=dict(params),
+        )
+
+    def completed(
+        self, inputs: list[TensorSpec], outputs: list[TensorSpec], default_max_batch: int
+    ) -> ModelConfig:
+        """This config with the model's own signature filled in where the file is silent.
+
+        Specs passed in are the model's, with full shapes. Returns a config whose
+        tensors carry config dims (batch dimension stripped when max_batch_size > 0).
+        """
+        max_batch = self.max_batch_size
+        if not self.max_batch_size_set and not self.inputs:
+            batchable = all(s.shape and s.shape[0] == -1 for s in [*inputs, *outputs])
+            max_batch = default_max_batch if batchable else 0
+        strip = 1 if max_batch > 0 else 0
+        new_inputs = self.inputs or tuple(
+            TensorSpec(s.name, s.datatype, s.shape[strip:]) for s in inputs
+        )
+        new_outputs = self.outputs or tuple(
+            TensorSpec(s.name, s.datatype, s.shape[strip:]) for s in outputs
+        )
+        done = replace(self, max_batch_size=max_batch, inputs=new_inputs, outputs=new_outputs)
+        return replace(done, source=done.to_triton())
+
+    def to_triton(self) -> dict[str, Any]:
+        """Triton's JSON form of the config (what /config answers)."""
+        out = dict(self.source)
+        out.update(
+            name=self.name,
+            platform=self.platform,
+            backend="onnxruntime",
+            max_batch_size=self.max_batch_size,
+            input=[_tensor_json(s) for s in self.inputs],
+            output=[_tensor_json(s) for s in self.outputs],
+        )
+        policy = self.version_policy
+        out["version_policy"] = (
+            {"latest": {"num_versions": policy.num_versions}}
+            if policy.kind == "latest"
+            else {"all": {}}
+            if policy.kind == "all"
+            else {"specific": {"versions": list(policy.versions)}}
+        )
+        out.setdefault("instance_group", [{"count": self.instance_count, "kind": "KIND_CPU"}])
+        out.setdefault("default_model_filename", self.default_model_filename)
+        return out
+
+
+def _tensor_json(spec: TensorSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "data_type": f"TYPE_{_CONFIG_TYPES[spec.datatype]}",
+        "dims": list(spec.shape),
+    }
+
+
+# V2 datatype -> the TYPE_* suffix of Triton's config (BYTES is TYPE_STRING there)
+_CONFIG_TYPES = {name: "STRING" if name == "BYTES" else name for name in DTYPES}
+_V2_TYPES = {f"TYPE_{v}": k for k, v in _CONFIG_TYPES.items()}
+
+
+def parse_model_config(text: str, model_name: str) -> ModelConfig:
+    """Parse config.pbtxt text; raises InvalidArgument naming the problem."""
+    message = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise InvalidArgument(f"model {model_name!r}: {CONFIG_FILENAME}: {exc}") from None
+    source = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if message.name and message.name != model_name:
+        raise InvalidArgument(
+            f"model {model_name!r}: {CONFIG_FILENAME} names the model {message.name!r}; "
+            "it must match the directory name"
+        )
+    platform = message.platform or message.backend or "onnxruntime_onnx"
+    if platform not in ("onnxruntime_onnx", "onnxruntime"):
+        raise InvalidArgument(
+            f"model {model_name!r}: platform/backend {platform!r} is not supported "
+            "(fleetserve serves onnxruntime_onnx)"
+        )
+    if message.max_batch_size < 0:
+        raise InvalidArgument(f"model {model_name!r}: max_batch_size must be >= 0")
+    return ModelConfig(
+        name=model_name,
+        platform="onnxruntime_onnx",
+        max_batch_size=message.max_batch_size,
+        max_batch_size_set="max_batch_size" in source or bool(message.input),
+        inputs=tuple(_tensor_spec(model_name, t) for t in message.input),
+        outputs=tuple(_tensor_spec(model_name, t) for t in message.output),
+        version_policy=_version_policy(message.version_policy),
+        default_model_filename=message.default_model_filename or "model.onnx",
+        instance_count=sum(g.count or 1 for g in message.instance_group) or 1,
+        instance_kind=_instance_kind(message),
+        parameters={k: v.string_value for k, v in message.parameters.items()},
+        graph_level=message.optimization.graph.level,
+        dynamic_batching=source.get("dynamic_batching"),
+        source=source,
+    )
+
+
+def _tensor_spec(model_name: str, tensor: Any) -> TensorSpec:
+    type_name = model_config_pb2.DataType.Name(tensor.data_type)
+    datatype = _V2_TYPES.get(type_name)
+    if datatype is None:
+        raise InvalidArgument(
+            f"model {model_name!r}: tensor {tensor.name!r} has data_type {type_name}, "
+            "which fleetserve does not serve"
+        )
+    if tensor.HasField("reshape"):
+        raise InvalidArgument(
+            f"model {model_name!r}: tensor {tensor.name!r}: reshape is not supported"
+        )
+    return TensorSpec(tensor.name, datatype, tuple(tensor.dims))
+
+
+def _version_policy(policy: Any) -> VersionPolicy:
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return VersionPolicy(kind="all")
+    if which == "specific":
+        return VersionPolicy(kind="specific", versions=tuple(sorted(policy.specific.versions)))
+    if which == "latest":
+        return VersionPolicy(kind="latest", num_versions=max(1, policy.latest.num_versions))
+    return VersionPolicy()
+
+
+def _instance_kind(message: Any) -> str:
+    kinds = {model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in message.instance_group}
+    return "KIND_GPU" if "KIND_GPU" in kinds else "KIND_CPU" if kinds else "KIND_AUTO"
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """The config of the model in `model_dir`: its config.pbtxt, or the defaults."""
+    path = model_dir / CONFIG_FILENAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ModelConfig(name=model_dir.name)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(
+            f"model {model_dir.name!r}: cannot read {CONFIG_FILENAME}: {exc}"
+        ) from None
+    return parse_model_config(text, model_dir.name)

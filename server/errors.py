@@ -1,0 +1,59 @@
+"""Error kinds of the core. The edges map each kind to an HTTP or gRPC status.
+
+No HTTP or gRPC codes here: the core says what went wrong, each edge says how its
+protocol spells it (one table per edge).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    NOT_FOUND = "NOT_FOUND"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNAVAILABLE = "UNAVAILABLE"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+
+
+class ServerError(Exception):
+    """An error with a kind the edges can map and a message fit for the client."""
+
+    kind: ErrorKind = ErrorKind.INTERNAL
+
+    def __init__(self, message: str, kind: ErrorKind | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class NotFound(ServerError):
+    kind = ErrorKind.NOT_FOUND
+
+
+class InvalidArgument(ServerError):
+    kind = ErrorKind.INVALID_ARGUMENT
+
+
+class Unavailable(ServerError):
+    kind = ErrorKind.UNAVAILABLE
+
+
+class ResourceExhausted(ServerError):
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+
+
+class Unimplemented(ServerError):
+    kind = ErrorKind.UNIMPLEMENTED
+
+
+class Internal(ServerError):
+    kind = ErrorKind.INTERNAL

@@ -1,0 +1,196 @@
+"""gRPC edge: inference.GRPCInferenceService and grpc.health.v1.Health on grpc.aio.
+
+The services are registered under their wire names by hand (generic handlers), so
+our generated messages can live in their own proto package (fleetserve.*) and be
+imported next to tritonclient's. One decorator maps every ServerError to a status.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from protos import grpc_service_pb2 as pb
+from protos import health_pb2
+from protos import model_config_pb2 as mc
+from server.errors import ErrorKind, Internal, ServerError, Unimplemented
+from server.inference import InferenceService
+from server.proto_codec import decode_infer, encode_infer, from_json
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "grpc"
+SERVICE = "inference.GRPCInferenceService"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+STATUS = {
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def rpc(fn: Rpc) -> Rpc:
+    """Map ServerError to its status code; anything unexpected to INTERNAL."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except ServerError as exc:
+            await context.abort(STATUS[exc.kind], exc.message)
+        except Exception:
+            log.exception("unhandled error in %s", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+
+    return wrapper
+
+
+class GrpcApi:
+    def __init__(self, service: InferenceService) -> None:
+        self._service = service
+
+    @rpc
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._service.ready)
+
+    @rpc
+    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        self._service.check_model(request.name)
+        return pb.ModelReadyResponse(
+            ready=self._service.model_ready(request.name, request.version or None)
+        )
+
+    @rpc
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(**self._service.server_metadata())
+
+    @rpc
+    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+        doc = self._service.model_metadata(request.name, request.version or None)
+        return from_json(doc, pb.ModelMetadataResponse())
+
+    @rpc
+    async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
+        doc = self._service.model_config(request.name, request.version or None)
+        return pb.ModelConfigResponse(config=from_json(doc, mc.ModelConfig()))
+
+    @rpc
+    async def ModelStatistics(self, request: Any, context: Any) -> pb.ModelStatisticsResponse:
+        doc = self._service.model_statistics(request.name, request.version or None)
+        return from_json(doc, pb.ModelStatisticsResponse())
+
+    @rpc
+    async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def _infer(self, request: Any) -> pb.ModelInferResponse:
+        started = time.perf_counter()
+        try:
+            req = decode_infer(request)
+        except ServerError as exc:
+            self._service.reject(PROTOCOL, exc, started)
+            raise
+        return encode_infer(await self._service.infer(req, PROTOCOL, started))
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One response per request, in order; an error answers that request only."""
+        async for request in requests:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except ServerError as exc:
+                yield pb.ModelStreamInferResponse(
+                    error_message=exc.message,
+                    infer_response=pb.ModelInferResponse(id=request.id),
+                )
+            except Exception:
+                log.exception("unhandled error in ModelStreamInfer")
+                yield pb.ModelStreamInferResponse(error_message=Internal("internal error").message)
+
+    @rpc
+    async def unimplemented(self, request: Any, context: Any) -> Any:
+        raise Unimplemented("this extension is not supported by fleetserve")
+
+    async def HealthCheck(self, request: Any, context: Any) -> health_pb2.HealthCheckResponse:
+        status = health_pb2.HealthCheckResponse
+        if request.service not in ("", SERVICE):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return status(status=status.SERVING if self._service.ready else status.NOT_SERVING)
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        """Both services, under their wire names."""
+        unary = grpc.unary_unary_rpc_method_handler
+
+        def method(fn: Any, request_type: Any, response_type: Any) -> grpc.RpcMethodHandler:
+            return unary(
+                fn,
+                request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString,
+            )
+
+        methods = {
+            "ServerLive": method(self.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": method(self.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": method(self.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": method(
+                self.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
+            ),
+            "ModelMetadata": method(
+                self.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse
+            ),
+            "ModelConfig": method(self.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            "ModelStatistics": method(
+                self.ModelStatistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
+            ),
+            "ModelInfer": method(self.ModelInfer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                self.ModelStreamInfer,
+                request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+            ),
+        }
+        for name in UNSUPPORTED:
+            request_type = getattr(pb, f"{name}Request")
+            methods[name] = method(self.unimplemented, request_type, getattr(pb, f"{name}Response"))
+        health = {
+            "Check": method(
+                self.HealthCheck, health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+            )
+        }
+        return [
+            grpc.method_handlers_generic_handler(SERVICE, methods),
+            grpc.method_handlers_generic_handler(HEALTH_SERVICE, health),
+        ]
+
+
+UNSUPPORTED = (
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
+)

@@ -1,0 +1,213 @@
+"""InferenceService: the data-plane core that REST and gRPC both call.
+
+The edges decode their wire format into `InferRequest` and encode `InferResponse`;
+everything between (resolving the version, leasing the model, checking inputs
+against its signature, running it, statistics and metrics) happens here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from loaders.base import InputError, RunError
+from server.cache import ModelCache, Servable
+from server.errors import Internal, InvalidArgument, NotFound, ServerError, Unavailable
+from server.metrics import OTHER, Metrics
+from server.repository import Repository
+from server.router import Router
+from server.types import InferRequest, InferResponse, ModelState
+
+SERVER_NAME = "fleetserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+)
+
+
+class InferenceService:
+    def __init__(
+        self,
+        repository: Repository,
+        router: Router,
+        cache: ModelCache,
+        metrics: Metrics,
+        run_pool: ThreadPoolExecutor,
+        inline_run_us: float,
+    ) -> None:
+        self._repository = repository
+        self._router = router
+        self._cache = cache
+        self._metrics = metrics
+        self._run_pool = run_pool
+        self._inline_run_us = inline_run_us
+        self.ready = False  # set by the app once startup loading is done
+
+    # -- inference ----------------------------------------------------------------
+
+    async def infer(self, req: InferRequest, protocol: str, started: float) -> InferResponse:
+        """Run one request; `started` is when the edge received it (perf_counter)."""
+        model, version, outcome = OTHER, OTHER, "success"
+        try:
+            model_id = self._router.resolve(req.model_name, req.model_version)
+            model, version = model_id.name, str(model_id.version)
+            servable = await self._cache.acquire(model_id)
+            try:
+                return await self._run(servable, req, started)
+            finally:
+                self._cache.release(servable)
+        except ServerError as exc:
+            outcome = exc.kind.value.lower()
+            raise
+        finally:
+            self._metrics.observe_request(
+                model, version, protocol, outcome, time.perf_counter() - started
+            )
+
+    def reject(self, protocol: str, exc: ServerError, started: float) -> None:
+        """Count a request the edge could not decode."""
+        self._metrics.observe_request(
+            OTHER, OTHER, protocol, exc.kind.value.lower(), time.perf_counter() - started
+        )
+
+    async def _run(self, s: Servable, req: InferRequest, started: float) -> InferResponse:
+        t0 = time.perf_counter_ns()
+        batch = _check_inputs(s, req)
+        names = None
+        if req.outputs:
+            names = [o.name for o in req.outputs]
+            unknown = [n for n in names if n not in s.outputs]
+            if unknown:
+                raise InvalidArgument(
+                    f"model {s.id} has no output {unknown[0]!r} (outputs: {', '.join(s.outputs)})"
+                )
+        t1 = time.perf_counter_ns()
+        try:
+            if s.inline and batch * s.run_us < self._inline_run_us:
+                outputs = s.model.run(req.inputs, names)
+            else:
+                loop = asyncio.get_running_loop()
+                outputs = await loop.run_in_executor(self._run_pool, s.model.run, req.inputs, names)
+        except InputError as exc:
+            s.stats.record_failure(time.perf_counter_ns() - t0)
+            raise InvalidArgument(str(exc)) from None
+        except RunError as exc:
+            s.stats.record_failure(time.perf_counter_ns() - t0)
+            raise Internal(f"model {s.id} failed to run: {exc}") from None
+        t2 = time.perf_counter_ns()
+        s.stats.record_success(batch, t2 - int(started * 1e9), t1 - t0, t2 - t1, 0)
+        return InferResponse(
+            model_name=s.id.name,
+            model_version=s.version,
+            id=req.id,
+            outputs=outputs,
+            requested=req.outputs,
+        )
+
+    # -- health and metadata --------------------------------------------------------
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        """True when the version a request would reach is loaded and serving."""
+        try:
+            model_id = self._router.resolve(name, version)
+        except ServerError:
+            return False
+        return self._cache.state(model_id)[0] is ModelState.READY
+
+    def _servable(self, name: str, version: str | None) -> Servable:
+        model_id = self._router.resolve(name, version)
+        servable = self._cache.servable(model_id)
+        if servable is None:
+            state, reason = self._cache.state(model_id)
+            detail = f": {reason}" if reason else ""
+            raise Unavailable(f"model {model_id} is {state.value.lower()}{detail}")
+        return servable
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        s = self._servable(name, version)
+        entry = self._repository.entry(name)
+        return {
+            "name": name,
+            "versions": [str(v) for v in entry.servable],
+            "platform": s.config.platform,
+            "inputs": [_tensor(t) for t in s.inputs.values()],
+            "outputs": [_tensor(t) for t in s.outputs.values()],
+        }
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's ModelConfig as JSON (field names of model_config.proto)."""
+        return dict(self._servable(name, version).config.source)
+
+    def model_statistics(self, name: str = "", version: str | None = None) -> dict[str, Any]:
+        if name:
+            servables = [self._servable(name, version)]
+        elif version:
+            raise InvalidArgument("statistics for a version need a model name")
+        else:
+            servables = sorted(self._cache.loaded(), key=lambda s: (s.id.name, s.id.version))
+        return {
+            "model_stats": [
+                s.stats.to_dict(s.id.name, s.version, s.model.size_bytes) for s in servables
+            ]
+        }
+
+    def check_model(self, name: str) -> None:
+        """NotFound unless the repository has this model (for endpoints that only name one)."""
+        if name not in self._repository.names:
+            raise NotFound(f"unknown model {name[:140]!r}")
+
+
+def _tensor(spec: Any) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def _check_inputs(s: Servable, req: InferRequest) -> int:
+    """Check the inputs against the signature; returns the batch size (1 if unbatched)."""
+    inputs = req.inputs
+    if len(inputs) != len(s.inputs) or not all(name in s.inputs for name in inputs):
+        missing = [n for n in s.inputs if n not in inputs]
+        unknown = [n for n in inputs if n not in s.inputs]
+        problem = (
+            f"missing input(s) {', '.join(missing)}"
+            if missing
+            else f"unknown input(s) {', '.join(unknown)}"
+        )
+        raise InvalidArgument(f"model {s.id}: {problem} (expects {', '.join(s.inputs)})")
+    max_batch = s.config.max_batch_size
+    batch = 1
+    first = True
+    for name, array in inputs.items():
+        spec = s.inputs[name]
+        datatype = req.datatypes[name]
+        if datatype != spec.datatype:
+            raise InvalidArgument(
+                f"input {name!r}: datatype {datatype}, model {s.id} expects {spec.datatype}"
+            )
+        shape = array.shape
+        expected = spec.shape
+        if len(shape) != len(expected) or any(
+            e != -1 and d != e for d, e in zip(shape, expected, strict=True)
+        ):
+            raise InvalidArgument(
+                f"input {name!r}: shape {list(shape)} does not match the model's "
+                f"{list(expected)} (-1 = any size)"
+            )
+        if max_batch > 0:
+            rows = shape[0]
+            if rows > max_batch or rows < 1:
+                raise InvalidArgument(
+                    f"input {name!r}: batch size {rows} is outside 1..{max_batch} "
+                    f"(max_batch_size of {s.id})"
+                )
+            if first:
+                batch, first = rows, False
+            elif rows != batch:
+                raise InvalidArgument(f"inputs disagree on the batch size ({batch} vs {rows})")
+    return batch

@@ -1,0 +1,206 @@
+"""V2 REST wire format <-> domain types: JSON tensors and Triton's binary tensor data.
+
+Pure functions of bytes and arrays: no aiohttp here, so they are tested directly and
+the REST edge stays a thin translation.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Any
+
+import numpy as np
+import orjson
+
+from server.errors import InvalidArgument
+from server.tensors import array_from_bytes, bytes_of
+from server.types import DTYPES, InferRequest, InferResponse, RequestedOutput, datatype_of
+
+_DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def decode_request(
+    body: bytes, header_length: int | None, model_name: str, model_version: str | None
+) -> InferRequest:
+    """Decode an infer request body; `header_length` is Inference-Header-Content-Length."""
+    if header_length is None:
+        header, binary = body, b""
+    elif header_length == 0:
+        raise InvalidArgument(
+            "raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
+            "send a JSON header"
+        )
+    elif 0 < header_length <= len(body):
+        header, binary = body[:header_length], memoryview(body)[header_length:]
+    else:
+        raise InvalidArgument(
+            f"Inference-Header-Content-Length {header_length} is outside the body "
+            f"({len(body)} bytes)"
+        )
+    try:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidArgument("request needs a non-empty 'inputs' list")
+    inputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for item in raw_inputs:
+        name, datatype, shape, params = _tensor_header(item, "input")
+        if name in inputs:
+            raise InvalidArgument(f"input {name!r} appears twice")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidArgument(
+                    f"input {name!r}: binary_data_size {size} overruns the binary data "
+                    f"({len(binary) - offset} bytes left)"
+                )
+            array = array_from_bytes(name, datatype, shape, binary[offset : offset + size])
+            offset += size
+        else:
+            if "data" not in item:
+                raise InvalidArgument(f"input {name!r} has neither 'data' nor binary_data_size")
+            array = _array_from_json(name, datatype, shape, item["data"])
+        inputs[name] = array
+        datatypes[name] = datatype
+    if offset != len(binary):
+        raise InvalidArgument(
+            f"request has {len(binary) - offset} bytes of binary data that no input claims"
+        )
+    parameters = _dict(doc.get("parameters"), "parameters")
+    outputs = None
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise InvalidArgument("'outputs' must be a list")
+        outputs = [_requested_output(o) for o in raw_outputs]
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgument("'id' must be a string")
+    return InferRequest(
+        model_name=model_name,
+        model_version=model_version,
+        inputs=inputs,
+        datatypes=datatypes,
+        id=request_id,
+        parameters=parameters,
+        outputs=outputs,
+    )
+
+
+def _dict(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"'{what}' must be a JSON object")
+    return value
+
+
+def _tensor_header(item: Any, what: str) -> tuple[str, str, list[int], dict]:
+    if not isinstance(item, dict):
+        raise InvalidArgument(f"each {what} must be a JSON object")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"an {what} has no 'name'")
+    datatype = item.get("datatype")
+    if datatype not in DTYPES:
+        raise InvalidArgument(
+            f"{what} {name!r}: unknown datatype {datatype!r} (one of {', '.join(DTYPES)})"
+        )
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
+        raise InvalidArgument(f"{what} {name!r}: 'shape' must be a list of non-negative integers")
+    return name, datatype, shape, _dict(item.get("parameters"), f"{what} {name!r} parameters")
+
+
+def _requested_output(item: Any) -> RequestedOutput:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise InvalidArgument("each requested output must be an object with a 'name'")
+    params = _dict(item.get("parameters"), f"output {item['name']!r} parameters")
+    if params.get("classification"):
+        raise InvalidArgument("the classification extension is not supported")
+    binary = params.get("binary_data")
+    if binary is not None and not isinstance(binary, bool):
+        raise InvalidArgument(f"output {item['name']!r}: binary_data must be true or false")
+    return RequestedOutput(item["name"], binary, params)
+
+
+def _array_from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+    count = prod(shape)
+    if datatype == "BYTES":
+        flat = _flatten_text(name, data)
+        array = np.empty(len(flat), dtype=object)
+        array[:] = flat
+    else:
+        try:
+            array = np.asarray(data, dtype=DTYPES[datatype])
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidArgument(f"input {name!r}: data is not valid {datatype}: {exc}") from None
+    if array.size != count:
+        raise InvalidArgument(
+            f"input {name!r}: shape {shape} needs {count} elements, data has {array.size}"
+        )
+    return array.reshape(shape)
+
+
+def _flatten_text(name: str, data: Any) -> list[bytes]:
+    out: list[bytes] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item.encode())
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            raise InvalidArgument(f"input {name!r}: BYTES data must be strings, got {item!r:.40}")
+    return out
+
+
+def encode_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary data follows."""
+    wanted = resp.requested or [RequestedOutput(n) for n in resp.outputs]
+    entries = []
+    chunks: list[bytes] = []
+    for out in wanted:
+        array = resp.outputs[out.name]
+        datatype = datatype_of(array.dtype)
+        entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": array.shape}
+        if binary_default if out.binary is None else out.binary:
+            raw = bytes_of(array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [_text(out.name, b) for b in array.ravel()]
+        else:
+            entry["data"] = array.ravel()
+        entries.append(entry)
+    doc: dict[str, Any] = {
+        "model_name": resp.model_name,
+        "model_version": resp.model_version,
+        "outputs": entries,
+    }
+    if resp.id:
+        doc["id"] = resp.id
+    header = orjson.dumps(doc, option=_DUMPS_OPTIONS)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def _text(name: str, value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument(
+            f"output {name!r} holds bytes that are not UTF-8; request it with binary_data"
+        ) from None
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})

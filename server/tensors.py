@@ -1,0 +1,64 @@
+"""Binary tensor encodings shared by both wire formats.
+
+Triton's binary tensor data (REST) and gRPC's raw_input_contents / raw_output_contents
+use one layout: raw little-endian row-major elements, and BYTES elements each prefixed
+by a 4-byte little-endian length.
+"""
+
+from __future__ import annotations
+
+import struct
+from math import prod
+
+import numpy as np
+
+from server.errors import InvalidArgument
+from server.types import DTYPES
+
+_U32 = struct.Struct("<I")
+
+
+def array_from_bytes(
+    name: str, datatype: str, shape: list[int], raw: bytes | memoryview
+) -> np.ndarray:
+    """A tensor from its binary form (also gRPC's raw_input_contents); no copy when numeric."""
+    count = prod(shape)
+    if datatype == "BYTES":
+        return _split_bytes(name, raw, count).reshape(shape)
+    dtype = DTYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidArgument(
+            f"input {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, "
+            f"got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _split_bytes(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:
+    """Length-prefixed BYTES elements (4-byte little-endian lengths)."""
+    view = memoryview(raw)
+    items: list[bytes] = []
+    pos, end = 0, len(view)
+    while pos < end:
+        if pos + 4 > end:
+            raise InvalidArgument(f"input {name!r}: truncated BYTES element length")
+        (length,) = _U32.unpack_from(view, pos)
+        pos += 4
+        if pos + length > end:
+            raise InvalidArgument(f"input {name!r}: BYTES element overruns the data")
+        items.append(bytes(view[pos : pos + length]))
+        pos += length
+    if len(items) != count:
+        raise InvalidArgument(
+            f"input {name!r}: shape needs {count} BYTES elements, got {len(items)}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+def bytes_of(array: np.ndarray) -> bytes:
+    """A tensor's binary form: raw little-endian data, or length-prefixed BYTES."""
+    if array.dtype == np.object_:
+        return b"".join(_U32.pack(len(b)) + b for b in array.ravel())
+    return np.ascontiguousarray(array).tobytes()
