@@ -34,6 +34,7 @@ __all__ = [
     "identity",
     "mlp",
     "runtime_failure",
+    "slow",
     "write_model",
 ]
 
@@ -226,9 +227,36 @@ def runtime_failure() -> bytes:
     graph = helper.make_graph(
         [helper.make_node("Reshape", ["INPUT0", "shape"], ["OUTPUT0"], "Reshape")],
         "runtime_failure",
+    "slow",
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 4])],
         initializer=[numpy_helper.from_array(np.array([1, 4], dtype=np.int64), "shape")],
+    )
+    return _finish(graph)
+
+
+def slow(dim: int = 512, depth: int = 8) -> bytes:
+    """FP32 model whose run time grows with the batch: ``depth`` chained [dim, dim] MatMuls.
+
+    For tests that need a request still running (graceful shutdown, draining): a batch of
+    B rows costs about ``2 * B * dim * dim * depth`` flops. The weight is the identity, so
+    ``OUTPUT0`` equals ``INPUT0`` and results stay checkable. One shared initializer keeps
+    the file at ``dim * dim * 4`` bytes.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = []
+    prev = "INPUT0"
+    for i in range(depth):
+        out = "OUTPUT0" if i == depth - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, "W"], [out], f"MatMul{i}"))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", dim])],
+        initializer=[numpy_helper.from_array(np.eye(dim, dtype=np.float32), "W")],
     )
     return _finish(graph)
 
