@@ -227,7 +227,6 @@ def runtime_failure() -> bytes:
     graph = helper.make_graph(
         [helper.make_node("Reshape", ["INPUT0", "shape"], ["OUTPUT0"], "Reshape")],
         "runtime_failure",
-    "slow",
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 4])],
         initializer=[numpy_helper.from_array(np.array([1, 4], dtype=np.int64), "shape")],
