@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format, text_format
+from google.protobuf import text_format
 
 from loaders.base import LoadOptions
 from protos import model_config_pb2
@@ -169,7 +169,7 @@ def parse_model_config(text: str, model_name: str) -> ModelConfig:
         text_format.Parse(text, message)
     except text_format.ParseError as exc:
         raise InvalidArgument(f"model {model_name!r}: {CONFIG_FILENAME}: {exc}") from None
-    source = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    source = message_json(message)
     if message.name and message.name != model_name:
         raise InvalidArgument(
             f"model {model_name!r}: {CONFIG_FILENAME} names the model {message.name!r}; "
@@ -199,6 +199,31 @@ def parse_model_config(text: str, model_name: str) -> ModelConfig:
         dynamic_batching=source.get("dynamic_batching"),
         source=source,
     )
+
+
+def message_json(message: Any) -> dict[str, Any]:
+    """A message as Triton's JSON: proto field names, enum names, 64-bit ints as numbers.
+
+    (protobuf's MessageToDict writes int64 as strings; Triton's /config writes numbers.)
+    """
+    return {fd.name: _field_json(fd, value) for fd, value in message.ListFields()}
+
+
+def _field_json(fd: Any, value: Any) -> Any:
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        value_fd = fd.message_type.fields_by_name["value"]
+        return {k: _value_json(value_fd, v) for k, v in value.items()}
+    if fd.is_repeated:
+        return [_value_json(fd, v) for v in value]
+    return _value_json(fd, value)
+
+
+def _value_json(fd: Any, value: Any) -> Any:
+    if fd.type == fd.TYPE_MESSAGE:
+        return message_json(value)
+    if fd.type == fd.TYPE_ENUM:
+        return fd.enum_type.values_by_number[value].name
+    return value
 
 
 def _tensor_spec(model_name: str, tensor: Any) -> TensorSpec:
