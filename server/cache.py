@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class Servable:
-    """A READY model version and everything the request path needs to use it."""
+    """A loaded model version and everything the request path needs to use it."""
 
     id: ModelId
     config: ModelConfig  # completed from the model's own signature
@@ -41,6 +41,8 @@ class Servable:
     inline: bool  # run on the event loop: measured faster than a thread hop
     run_us: float  # measured time of one warm batch-1 run
     stats: ModelStats = field(default_factory=ModelStats)
+    leases: int = 0  # requests using it now
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when leases drop to 0
 
     @property
     def version(self) -> str:
@@ -54,9 +56,13 @@ class Slot:
     state: ModelState = ModelState.UNLOADED
     reason: str = ""
     servable: Servable | None = None
-    leases: int = 0
-    loading: asyncio.Future[Servable] | None = None
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    loading: asyncio.Task[Servable] | None = None
+    failures: int = 0  # consecutive failed loads
+    retry_at: float = 0.0  # monotonic time before which a request does not retry a failed load
+
+
+# a failed load is retried by requests after 1, 2, 4 ... up to 60 s
+MAX_RETRY_BACKOFF_S = 60.0
 
 
 class ModelCache:
@@ -82,21 +88,19 @@ class ModelCache:
     async def acquire(self, model_id: ModelId) -> Servable:
         """A leased, READY servable; loads it first if needed. Pair with `release`."""
         slot = self._slots.get(model_id)
-        if slot is not None and slot.state is ModelState.READY:
-            slot.leases += 1
-            return slot.servable  # type: ignore[return-value]
-        servable = await self.load(model_id, reload=False)
-        slot = self._slots[model_id]
-        if slot.state is not ModelState.READY or slot.servable is not servable:
-            raise Unavailable(f"model {model_id} is {slot.state.value.lower()}")
-        slot.leases += 1
-        return servable
+        if slot is None or slot.state is not ModelState.READY:
+            await self.load(model_id, reload=False)
+            slot = self._slots[model_id]
+            if slot.state is not ModelState.READY:
+                raise Unavailable(f"model {model_id} is {slot.state.value.lower()}")
+        servable = slot.servable
+        servable.leases += 1  # type: ignore[union-attr]
+        return servable  # type: ignore[return-value]
 
     def release(self, servable: Servable) -> None:
-        slot = self._slots[servable.id]
-        slot.leases -= 1
-        if slot.leases == 0:
-            slot.idle.set()
+        servable.leases -= 1
+        if servable.leases == 0:
+            servable.idle.set()
 
     # -- state --------------------------------------------------------------------
 
@@ -115,39 +119,54 @@ class ModelCache:
     # -- loading ------------------------------------------------------------------
 
     async def load(self, model_id: ModelId, *, reload: bool = True) -> Servable:
-        """Load one version (single flight: concurrent callers share one load)."""
+        """Load one version; concurrent callers share one load (single flight).
+
+        The load runs as its own task, so a caller that goes away does not cancel it.
+        `reload=False` (the request path) returns a READY version as it is and does not
+        retry a failed load before its backoff has passed. A reload keeps the old copy
+        serving until the new one is ready, then drains it.
+        """
         slot = self._slots.setdefault(model_id, Slot())
-        if slot.loading is not None:
-            return await asyncio.shield(slot.loading)
-        if slot.state is ModelState.READY and not reload:
-            return slot.servable  # type: ignore[return-value]
-        if slot.state is ModelState.READY:
-            await self.unload(model_id)
-        slot.state, slot.reason = ModelState.LOADING, ""
-        slot.loading = asyncio.get_running_loop().create_future()
+        if slot.loading is None:
+            if slot.state is ModelState.READY and not reload:
+                return slot.servable  # type: ignore[return-value]
+            if slot.state is ModelState.DRAINING:
+                raise Unavailable(f"model {model_id} is unloading")
+            wait = slot.retry_at - time.monotonic()
+            if slot.state is ModelState.FAILED and not reload and wait > 0:
+                raise Unavailable(slot.reason, retry_after=wait)
+            slot.loading = asyncio.get_running_loop().create_task(self._load_slot(model_id, slot))
+        return await asyncio.shield(slot.loading)
+
+    async def _load_slot(self, model_id: ModelId, slot: Slot) -> Servable:
+        old = slot.servable
+        if old is None:
+            slot.state, slot.reason = ModelState.LOADING, ""
         started = time.perf_counter()
         try:
             servable = await self._load(model_id)
         except ServerError as exc:
-            slot.state, slot.reason = ModelState.FAILED, exc.message
+            if not isinstance(exc, NotFound | Unavailable):
+                exc = Unavailable(f"model {model_id} failed to load: {exc.message}")
+            slot.failures += 1
+            slot.retry_at = time.monotonic() + min(MAX_RETRY_BACKOFF_S, 2.0 ** (slot.failures - 1))
+            if old is None:
+                slot.state, slot.reason = ModelState.FAILED, exc.message
             self._metrics.load_failures.inc()
             log.warning("load of %s failed: %s", model_id, exc.message)
-            slot.loading.set_exception(exc)
-            slot.loading.exception()  # retrieved: waiters re-raise it, none are required
-            raise
+            raise exc from None
         finally:
             slot.loading = None
-        slot.state, slot.servable = ModelState.READY, servable
+        slot.state, slot.servable, slot.reason, slot.failures = ModelState.READY, servable, "", 0
+        elapsed = time.perf_counter() - started
         self._metrics.loads.inc()
-        self._metrics.load_seconds.observe(time.perf_counter() - started)
-        self._metrics.loaded_models.inc()
-        log.info(
-            "loaded %s in %.3fs (run %.0fus, %s)",
-            model_id,
-            time.perf_counter() - started,
-            servable.run_us,
-            "inline" if servable.inline else "run pool",
-        )
+        self._metrics.load_seconds.observe(elapsed)
+        if old is None:
+            self._metrics.loaded_models.inc()
+        else:
+            await self._drain_and_free(old)
+        mode = "inline" if servable.inline else "run pool"
+        log.info("loaded %s in %.3fs (run %.0fus, %s)", model_id, elapsed, servable.run_us, mode)
         return servable
 
     async def _load(self, model_id: ModelId) -> Servable:
@@ -193,26 +212,38 @@ class ModelCache:
         )
 
     async def unload(self, model_id: ModelId) -> None:
-        """Drain (bounded by the shutdown timeout) then free one version."""
+        """Stop routing to one version, let its requests finish (bounded), free it."""
         slot = self._slots.get(model_id)
-        if slot is None or slot.servable is None:
+        if slot is None or slot.servable is None or slot.state is not ModelState.READY:
             raise NotFound(f"model {model_id} is not loaded")
         servable = slot.servable
         slot.state = ModelState.DRAINING
-        if slot.leases:
-            slot.idle.clear()
+        try:
+            await self._drain_and_free(servable)
+        finally:
+            slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, ""
+            self._metrics.loaded_models.dec()
+
+    async def _drain_and_free(self, servable: Servable) -> None:
+        if servable.leases:
+            servable.idle.clear()
             try:
-                await asyncio.wait_for(slot.idle.wait(), self._settings.shutdown_timeout_s)
+                await asyncio.wait_for(servable.idle.wait(), self._settings.shutdown_timeout_s)
             except TimeoutError:
-                log.warning("unloading %s with %d requests still running", model_id, slot.leases)
-        slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, ""
-        self._metrics.loaded_models.dec()
+                log.warning(
+                    "freeing %s with %d requests still running", servable.id, servable.leases
+                )
         await asyncio.get_running_loop().run_in_executor(self._load_pool, servable.model.unload)
 
     async def close(self) -> None:
-        """Unload everything (shutdown)."""
-        for model_id in [m for m, s in self._slots.items() if s.servable is not None]:
-            await self.unload(model_id)
+        """Shutdown: cancel loads in flight, then unload everything."""
+        loads = [s.loading for s in self._slots.values() if s.loading is not None]
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
+        for model_id, slot in list(self._slots.items()):
+            if slot.state is ModelState.READY:
+                await self.unload(model_id)
 
 
 def _spec(sig: TensorSig) -> TensorSpec:

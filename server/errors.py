@@ -25,10 +25,13 @@ class ServerError(Exception):
 
     kind: ErrorKind = ErrorKind.INTERNAL
 
-    def __init__(self, message: str, kind: ErrorKind | None = None) -> None:
+    def __init__(
+        self, message: str, kind: ErrorKind | None = None, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         if kind is not None:
             self.kind = kind
+        self.retry_after = retry_after  # seconds until a retry can succeed, when known
 
     @property
     def message(self) -> str:

@@ -174,12 +174,11 @@ def _check_inputs(s: Servable, req: InferRequest) -> int:
     if len(inputs) != len(s.inputs) or not all(name in s.inputs for name in inputs):
         missing = [n for n in s.inputs if n not in inputs]
         unknown = [n for n in inputs if n not in s.inputs]
-        problem = (
-            f"missing input(s) {', '.join(missing)}"
-            if missing
-            else f"unknown input(s) {', '.join(unknown)}"
+        problems = [f"missing input(s) {', '.join(missing)}"] if missing else []
+        problems += [f"unknown input(s) {', '.join(unknown)}"] if unknown else []
+        raise InvalidArgument(
+            f"model {s.id}: {'; '.join(problems)} (expects {', '.join(s.inputs)})"
         )
-        raise InvalidArgument(f"model {s.id}: {problem} (expects {', '.join(s.inputs)})")
     max_batch = s.config.max_batch_size
     batch = 1
     first = True

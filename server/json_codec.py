@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 
 from server.errors import InvalidArgument
-from server.tensors import array_from_bytes, bytes_of
+from server.tensors import array_from_bytes, byte_elements, bytes_of
 from server.types import DTYPES, InferRequest, InferResponse, RequestedOutput, datatype_of
 
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -55,7 +55,7 @@ def decode_request(
             raise InvalidArgument(f"input {name!r} appears twice")
         size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if type(size) is not int or size < 0 or offset + size > len(binary):
                 raise InvalidArgument(
                     f"input {name!r}: binary_data_size {size} overruns the binary data "
                     f"({len(binary) - offset} bytes left)"
@@ -137,15 +137,59 @@ def _array_from_json(name: str, datatype: str, shape: list[int], data: Any) -> n
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
     else:
-        try:
-            array = np.asarray(data, dtype=DTYPES[datatype])
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise InvalidArgument(f"input {name!r}: data is not valid {datatype}: {exc}") from None
+        array = _numbers(name, datatype, data)
     if array.size != count:
         raise InvalidArgument(
             f"input {name!r}: shape {shape} needs {count} elements, data has {array.size}"
         )
     return array.reshape(shape)
+
+
+# which JSON value kinds (numpy's inference of them) each datatype accepts: no strings,
+# no nulls, no floats for integers, only true/false for BOOL (as Triton)
+_ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_KIND_WORDS = {"b": "true/false", "iu": "integers", "iuf": "numbers"}
+
+
+def _numbers(name: str, datatype: str, data: Any) -> np.ndarray:
+    dtype = DTYPES[datatype]
+    try:
+        raw = np.asarray(data)
+    except ValueError as exc:  # ragged nesting
+        raise InvalidArgument(f"input {name!r}: data is not valid {datatype}: {exc}") from None
+    accepts = _ACCEPTS[dtype.kind]
+    if dtype.kind in "iu" and raw.dtype.kind in "fO" and _all_ints(data):
+        # numpy infers float or object for integers beyond int64 (large UINT64 values)
+        try:
+            return np.asarray(data, dtype=dtype)
+        except OverflowError:
+            raise InvalidArgument(
+                f"input {name!r}: data is not valid {datatype}: values outside its range"
+            ) from None
+    if raw.dtype.kind not in accepts and raw.size:
+        raise InvalidArgument(
+            f"input {name!r}: data is not valid {datatype}: it takes {_KIND_WORDS[accepts]}, "
+            f"got values such as {raw.ravel()[0]!r:.40}"
+        )
+    if dtype.kind in "iu" and raw.size:
+        info = np.iinfo(dtype)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise InvalidArgument(
+                f"input {name!r}: data is not valid {datatype}: values outside "
+                f"{info.min}..{info.max}"
+            )
+    return raw.astype(dtype, copy=False)
+
+
+def _all_ints(data: Any) -> bool:
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif type(item) is not int:
+            return False
+    return True
 
 
 def _flatten_text(name: str, data: Any) -> list[bytes]:
@@ -176,7 +220,7 @@ def encode_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, i
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":
-            entry["data"] = [_text(out.name, b) for b in array.ravel()]
+            entry["data"] = [_text(out.name, b) for b in byte_elements(array)]
         else:
             entry["data"] = array.ravel()
         entries.append(entry)

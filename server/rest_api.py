@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -40,7 +41,9 @@ Handler = Callable[["RestApi", web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(exc: ServerError) -> web.Response:
-    headers = {"Retry-After": "1"} if exc.kind is ErrorKind.UNAVAILABLE else None
+    headers = None
+    if exc.kind is ErrorKind.UNAVAILABLE:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))}
     return web.Response(
         status=STATUS[exc.kind], body=error_body(exc.message), content_type=JSON, headers=headers
     )
@@ -107,7 +110,7 @@ class RestApi:
                     f"request body of {length} bytes exceeds the limit of {self._max_bytes}"
                 )
             header = request.headers.get(HEADER_LENGTH)
-            if header is not None and not header.isdigit():
+            if header is not None and not (header.isascii() and header.isdigit()):
                 raise InvalidArgument(f"{HEADER_LENGTH} must be a non-negative integer")
             body = await request.read()
             req = decode_request(

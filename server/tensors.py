@@ -59,6 +59,11 @@ def _split_bytes(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:
 
 def bytes_of(array: np.ndarray) -> bytes:
     """A tensor's binary form: raw little-endian data, or length-prefixed BYTES."""
-    if array.dtype == np.object_:
-        return b"".join(_U32.pack(len(b)) + b for b in array.ravel())
+    if array.dtype.kind in "OSU":
+        return b"".join(_U32.pack(len(b)) + b for b in byte_elements(array))
     return np.ascontiguousarray(array).tobytes()
+
+
+def byte_elements(array: np.ndarray) -> list[bytes]:
+    """The elements of a BYTES tensor as bytes, whether numpy holds objects, S or U."""
+    return [x.encode() if isinstance(x, str) else bytes(x) for x in array.ravel()]
