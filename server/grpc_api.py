@@ -72,7 +72,7 @@ class GrpcApi:
 
     @rpc
     async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
-        self._service.check_model(request.name)
+        # an unknown model is simply not ready (as Triton answers over gRPC)
         return pb.ModelReadyResponse(
             ready=self._service.model_ready(request.name, request.version or None)
         )

@@ -100,7 +100,7 @@ def _from_contents(name: str, datatype: str, shape: list[int], tensor: Any) -> n
         array[:] = list(values)
     else:
         try:
-            array = np.array(values, dtype=DTYPES[datatype])
+            array = np.array(list(values), dtype=DTYPES[datatype])
         except OverflowError as exc:
             raise InvalidArgument(
                 f"input {name!r}: value out of range for {datatype}: {exc}"
