@@ -98,7 +98,13 @@ class OnnxLoader(Loader):
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.intra_op_threads
         so.inter_op_num_threads = opts.inter_op_threads
-        so.graph_optimization_level = GRAPH_LEVELS[opts.graph_optimization_level]
+        level = GRAPH_LEVELS.get(opts.graph_optimization_level)
+        if level is None:
+            raise LoadError(
+                f"unknown graph_optimization_level {opts.graph_optimization_level!r} "
+                f"(one of {', '.join(GRAPH_LEVELS)})"
+            )
+        so.graph_optimization_level = level
         available = set(ort.get_available_providers())
         missing = [p for p in opts.execution_providers if p not in available]
         if missing:

@@ -20,7 +20,7 @@ import numpy as np
 
 from loaders.base import LoadedModel, LoadError, TensorSig
 from server.config import ModelConfig, Settings
-from server.errors import InvalidArgument, NotFound, ServerError, Unavailable
+from server.errors import Internal, InvalidArgument, NotFound, ServerError, Unavailable
 from server.metrics import Metrics
 from server.repository import Repository
 from server.stats import ModelStats
@@ -145,7 +145,11 @@ class ModelCache:
         started = time.perf_counter()
         try:
             servable = await self._load(model_id)
-        except ServerError as exc:
+        except Exception as error:
+            exc = error
+            if not isinstance(exc, ServerError):
+                log.exception("unexpected error loading %s", model_id)
+                exc = Internal(f"{type(error).__name__}: {error}")
             if not isinstance(exc, NotFound | Unavailable):
                 exc = Unavailable(f"model {model_id} failed to load: {exc.message}")
             slot.failures += 1

@@ -21,12 +21,13 @@ from server.types import ModelId
 from server.versions import servable_versions
 
 # model names: what Triton accepts in practice, minus anything that could walk paths
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+VERSION_DIR = re.compile(r"[1-9][0-9]{0,17}")
 
 
 def check_model_name(name: str) -> str:
     """`name` if it is a safe model name; InvalidArgument otherwise."""
-    if not MODEL_NAME.match(name) or ".." in name:
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
         raise InvalidArgument(f"invalid model name {name[:140]!r}")
     return name
 
@@ -56,10 +57,10 @@ class Repository:
         if not self.root.is_dir():
             raise NotFound(f"model repository {str(self.root)!r} is not a directory")
         names = sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.match(p.name)
+            p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name)
         )
         self._names = names
-        self._entries = {n: e for n, e in self._entries.items() if n in set(names)}
+        self._entries = {}  # configs and versions are read again on next use
         return names
 
     @property
@@ -84,7 +85,9 @@ class Repository:
         except ServerError as exc:
             entry.error = exc.message
         entry.versions = tuple(
-            sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+            sorted(
+                int(p.name) for p in path.iterdir() if p.is_dir() and VERSION_DIR.fullmatch(p.name)
+            )
         )
         if entry.config is not None:
             entry.servable = tuple(servable_versions(entry.config.version_policy, entry.versions))

@@ -20,6 +20,6 @@ def servable_versions(policy: VersionPolicy, on_disk: Iterable[int]) -> list[int
 
 def parse_version(text: str) -> int | None:
     """A version string as the protocol sends it ("" = unversioned); None if not a version."""
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         return None
     return int(text)
