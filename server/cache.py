@@ -42,11 +42,22 @@ class Servable:
     run_us: float  # measured time of one warm batch-1 run
     stats: ModelStats = field(default_factory=ModelStats)
     leases: int = 0  # requests using it now
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when leases drop to 0
+    draining: bool = False  # no new leases; `idle` is set when the last one is released
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    version: str = field(init=False)  # the version as the protocol spells it
+    # per input: (datatype, rank, ((axis, size), ...) for every fixed axis); checked per request
+    checks: dict[str, tuple[str, int, tuple[tuple[int, int], ...]]] = field(init=False)
 
-    @property
-    def version(self) -> str:
-        return str(self.id.version)
+    def __post_init__(self) -> None:
+        self.version = str(self.id.version)
+        self.checks = {
+            name: (
+                spec.datatype,
+                len(spec.shape),
+                tuple((i, d) for i, d in enumerate(spec.shape) if d != -1),
+            )
+            for name, spec in self.inputs.items()
+        }
 
 
 @dataclass(eq=False)
@@ -85,21 +96,28 @@ class ModelCache:
 
     # -- request path -------------------------------------------------------------
 
-    async def acquire(self, model_id: ModelId) -> Servable:
-        """A leased, READY servable; loads it first if needed. Pair with `release`."""
+    def lease(self, model_id: ModelId) -> Servable | None:
+        """A leased servable if the version is READY now, else None (then `acquire`)."""
         slot = self._slots.get(model_id)
         if slot is None or slot.state is not ModelState.READY:
-            await self.load(model_id, reload=False)
-            slot = self._slots[model_id]
-            if slot.state is not ModelState.READY:
-                raise Unavailable(f"model {model_id} is {slot.state.value.lower()}")
+            return None
+        servable = slot.servable
+        servable.leases += 1  # type: ignore[union-attr]
+        return servable
+
+    async def acquire(self, model_id: ModelId) -> Servable:
+        """A leased, READY servable; loads it first if needed. Pair with `release`."""
+        await self.load(model_id, reload=False)
+        slot = self._slots[model_id]
+        if slot.state is not ModelState.READY:
+            raise Unavailable(f"model {model_id} is {slot.state.value.lower()}")
         servable = slot.servable
         servable.leases += 1  # type: ignore[union-attr]
         return servable  # type: ignore[return-value]
 
     def release(self, servable: Servable) -> None:
         servable.leases -= 1
-        if servable.leases == 0:
+        if servable.draining and servable.leases == 0:
             servable.idle.set()
 
     # -- state --------------------------------------------------------------------
@@ -229,8 +247,8 @@ class ModelCache:
             self._metrics.loaded_models.dec()
 
     async def _drain_and_free(self, servable: Servable) -> None:
+        servable.draining = True
         if servable.leases:
-            servable.idle.clear()
             try:
                 await asyncio.wait_for(servable.idle.wait(), self._settings.shutdown_timeout_s)
             except TimeoutError:

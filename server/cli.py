@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-port", type=int, default=d.http_port, help="REST port (0 = any free)"
     )
     serve.add_argument(
-        "--grpc-port", type=int, default=d.grpc_port, help="gRPC port (0 = any free)"
+        "--grpc-port", type=int, default=d.grpc_port, help="gRPC port (0 = any free, -1 = off)"
     )
     serve.add_argument(
         "--metrics-port", type=int, default=d.metrics_port, help="Prometheus port (-1 = off)"

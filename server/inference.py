@@ -18,7 +18,7 @@ from server.errors import Internal, InvalidArgument, NotFound, ServerError, Unav
 from server.metrics import OTHER, Metrics
 from server.repository import Repository
 from server.router import Router
-from server.types import InferRequest, InferResponse, ModelState
+from server.types import InferRequest, InferResponse, ModelState, RequestedOutput
 
 SERVER_NAME = "fleetserve"
 SERVER_VERSION = "0.1.0"
@@ -42,7 +42,7 @@ class InferenceService:
         self._repository = repository
         self._router = router
         self._cache = cache
-        self._metrics = metrics
+        self._observe = metrics.requests.observe
         self._run_pool = run_pool
         self._inline_run_us = inline_run_us
         self.ready = False  # set by the app once startup loading is done
@@ -51,40 +51,33 @@ class InferenceService:
 
     async def infer(self, req: InferRequest, protocol: str, started: float) -> InferResponse:
         """Run one request; `started` is when the edge received it (perf_counter)."""
-        model, version, outcome = OTHER, OTHER, "success"
+        model = version = OTHER
+        outcome = "success"
         try:
             model_id = self._router.resolve(req.model_name, req.model_version)
-            model, version = model_id.name, str(model_id.version)
-            servable = await self._cache.acquire(model_id)
+            model = model_id.name
+            s = self._cache.lease(model_id) or await self._cache.acquire(model_id)
+            version = s.version
             try:
-                return await self._run(servable, req, started)
+                return await self._run(s, req, started)
             finally:
-                self._cache.release(servable)
+                self._cache.release(s)
         except ServerError as exc:
             outcome = exc.kind.value.lower()
             raise
         finally:
-            self._metrics.observe_request(
-                model, version, protocol, outcome, time.perf_counter() - started
-            )
+            self._observe((model, version, protocol, outcome), time.perf_counter() - started)
 
     def reject(self, protocol: str, exc: ServerError, started: float) -> None:
         """Count a request the edge could not decode."""
-        self._metrics.observe_request(
-            OTHER, OTHER, protocol, exc.kind.value.lower(), time.perf_counter() - started
+        self._observe(
+            (OTHER, OTHER, protocol, exc.kind.value.lower()), time.perf_counter() - started
         )
 
     async def _run(self, s: Servable, req: InferRequest, started: float) -> InferResponse:
         t0 = time.perf_counter_ns()
         batch = _check_inputs(s, req)
-        names = None
-        if req.outputs:
-            names = [o.name for o in req.outputs]
-            unknown = [n for n in names if n not in s.outputs]
-            if unknown:
-                raise InvalidArgument(
-                    f"model {s.id} has no output {unknown[0]!r} (outputs: {', '.join(s.outputs)})"
-                )
+        names = _output_names(s, req.outputs) if req.outputs else None
         t1 = time.perf_counter_ns()
         try:
             if s.inline and batch * s.run_us < self._inline_run_us:
@@ -99,14 +92,8 @@ class InferenceService:
             s.stats.record_failure(time.perf_counter_ns() - t0)
             raise Internal(f"model {s.id} failed to run: {exc}") from None
         t2 = time.perf_counter_ns()
-        s.stats.record_success(batch, t2 - int(started * 1e9), t1 - t0, t2 - t1, 0)
-        return InferResponse(
-            model_name=s.id.name,
-            model_version=s.version,
-            id=req.id,
-            outputs=outputs,
-            requested=req.outputs,
-        )
+        s.stats.record_success(batch, t2, t2 - int(started * 1e9), t1 - t0, t2 - t1, 0)
+        return InferResponse(s.id.name, s.version, req.id, outputs, req.outputs)
 
     # -- health and metadata --------------------------------------------------------
 
@@ -168,10 +155,20 @@ def _tensor(spec: Any) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
 
 
+def _output_names(s: Servable, requested: list[RequestedOutput]) -> list[str]:
+    names = [o.name for o in requested]
+    for name in names:
+        if name not in s.outputs:
+            raise InvalidArgument(
+                f"model {s.id} has no output {name!r} (outputs: {', '.join(s.outputs)})"
+            )
+    return names
+
+
 def _check_inputs(s: Servable, req: InferRequest) -> int:
     """Check the inputs against the signature; returns the batch size (1 if unbatched)."""
     inputs = req.inputs
-    if len(inputs) != len(s.inputs) or not all(name in s.inputs for name in inputs):
+    if inputs.keys() != s.inputs.keys():
         missing = [n for n in s.inputs if n not in inputs]
         unknown = [n for n in inputs if n not in s.inputs]
         problems = [f"missing input(s) {', '.join(missing)}"] if missing else []
@@ -182,21 +179,18 @@ def _check_inputs(s: Servable, req: InferRequest) -> int:
     max_batch = s.config.max_batch_size
     batch = 1
     first = True
+    checks = s.checks
     for name, array in inputs.items():
-        spec = s.inputs[name]
-        datatype = req.datatypes[name]
-        if datatype != spec.datatype:
+        datatype, rank, fixed = checks[name]
+        if req.datatypes[name] != datatype:
             raise InvalidArgument(
-                f"input {name!r}: datatype {datatype}, model {s.id} expects {spec.datatype}"
+                f"input {name!r}: datatype {req.datatypes[name]}, model {s.id} expects {datatype}"
             )
         shape = array.shape
-        expected = spec.shape
-        if len(shape) != len(expected) or any(
-            e != -1 and d != e for d, e in zip(shape, expected, strict=True)
-        ):
+        if len(shape) != rank or any(shape[axis] != size for axis, size in fixed):
             raise InvalidArgument(
                 f"input {name!r}: shape {list(shape)} does not match the model's "
-                f"{list(expected)} (-1 = any size)"
+                f"{list(s.inputs[name].shape)} (-1 = any size)"
             )
         if max_batch > 0:
             rows = shape[0]

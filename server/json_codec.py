@@ -72,7 +72,8 @@ def decode_request(
         raise InvalidArgument(
             f"request has {len(binary) - offset} bytes of binary data that no input claims"
         )
-    parameters = _dict(doc.get("parameters"), "parameters")
+    parameters = doc.get("parameters")
+    parameters = {} if parameters is None else _dict(parameters, "parameters")
     outputs = None
     raw_outputs = doc.get("outputs")
     if raw_outputs is not None:
@@ -108,14 +109,25 @@ def _tensor_header(item: Any, what: str) -> tuple[str, str, list[int], dict]:
     if not isinstance(name, str) or not name:
         raise InvalidArgument(f"an {what} has no 'name'")
     datatype = item.get("datatype")
-    if datatype not in DTYPES:
+    if type(datatype) is not str or datatype not in DTYPES:
         raise InvalidArgument(
-            f"{what} {name!r}: unknown datatype {datatype!r} (one of {', '.join(DTYPES)})"
+            f"{what} {name!r}: unknown datatype {datatype!r:.40} (one of {', '.join(DTYPES)})"
         )
     shape = item.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
+    if type(shape) is not list:
         raise InvalidArgument(f"{what} {name!r}: 'shape' must be a list of non-negative integers")
-    return name, datatype, shape, _dict(item.get("parameters"), f"{what} {name!r} parameters")
+    for d in shape:
+        if type(d) is not int or not 0 <= d < 2**31:
+            raise InvalidArgument(
+                f"{what} {name!r}: 'shape' must be a list of non-negative integers"
+            )
+    params = item.get("parameters")
+    return (
+        name,
+        datatype,
+        shape,
+        {} if params is None else _dict(params, f"{what} {name!r} parameters"),
+    )
 
 
 def _requested_output(item: Any) -> RequestedOutput:

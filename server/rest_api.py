@@ -19,6 +19,7 @@ from aiohttp import web
 from server.errors import ErrorKind, Internal, InvalidArgument, ServerError
 from server.inference import InferenceService
 from server.json_codec import decode_request, encode_response, error_body
+from server.types import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -99,40 +100,50 @@ class RestApi:
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
 
-    @endpoint
-    async def infer(self, request: web.Request) -> web.StreamResponse:
+    async def infer(self, request: web.Request) -> web.Response:
+        """The hot path: no decorator layer, errors handled here."""
         started = time.perf_counter()
-        match = request.match_info
         try:
-            length = request.content_length
-            if length is not None and length > self._max_bytes:
-                raise InvalidArgument(
-                    f"request body of {length} bytes exceeds the limit of {self._max_bytes}"
-                )
-            header = request.headers.get(HEADER_LENGTH)
-            if header is not None and not (header.isascii() and header.isdigit()):
-                raise InvalidArgument(f"{HEADER_LENGTH} must be a non-negative integer")
-            body = await request.read()
-            req = decode_request(
-                body, int(header) if header else None, match["name"], match.get("version")
-            )
-        except web.HTTPRequestEntityTooLarge:
-            exc = InvalidArgument(f"request body exceeds the limit of {self._max_bytes} bytes")
-            self._service.reject(PROTOCOL, exc, started)
-            raise exc from None
+            req = await self._decode(request)
         except ServerError as exc:
             self._service.reject(PROTOCOL, exc, started)
-            raise
-        resp = await self._service.infer(req, PROTOCOL, started)
-        payload, header_length = encode_response(
-            resp, binary_default=req.parameters.get("binary_data_output") is True
-        )
+            return error_response(exc)
+        try:
+            resp = await self._service.infer(req, PROTOCOL, started)
+            payload, header_length = encode_response(
+                resp, binary_default=req.parameters.get("binary_data_output") is True
+            )
+        except ServerError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("unhandled error in infer")
+            return error_response(Internal("internal server error"))
         if header_length is None:
             return web.Response(body=payload, content_type=JSON)
         return web.Response(
             body=payload,
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(header_length)},
+        )
+
+    async def _decode(self, request: web.Request) -> InferRequest:
+        length = request.content_length
+        if length is not None and length > self._max_bytes:
+            raise InvalidArgument(
+                f"request body of {length} bytes exceeds the limit of {self._max_bytes}"
+            )
+        header = request.headers.get(HEADER_LENGTH)
+        if header is not None and not (header.isascii() and header.isdigit()):
+            raise InvalidArgument(f"{HEADER_LENGTH} must be a non-negative integer")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise InvalidArgument(
+                f"request body exceeds the limit of {self._max_bytes} bytes"
+            ) from None
+        match = request.match_info
+        return decode_request(
+            body, int(header) if header else None, match["name"], match.get("version")
         )
 
     async def live(self, request: web.Request) -> web.Response:

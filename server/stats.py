@@ -1,98 +1,106 @@
 """Per-version inference statistics in the shape of Triton's statistics extension.
 
-Plain integer counters, updated on the event loop only (no locks needed).
+Flat integer counters, updated on the event loop only (no locks), one method call per
+request: this runs on the hot path. The nested Triton shape is built only when asked.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from typing import Any
+
+# indexes into a batch-size row: [count, compute_input ns, compute_infer ns, compute_output ns]
+_COUNT, _INPUT, _INFER, _OUTPUT = range(4)
 
 
-@dataclass(slots=True)
-class Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int, count: int = 1) -> None:
-        self.count += count
-        self.ns += ns
-
-    def to_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": self.ns}
-
-
-@dataclass(slots=True)
-class BatchStats:
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-
-
-@dataclass(slots=True)
 class ModelStats:
     """Counters of one model version since it was loaded."""
 
-    inference_count: int = 0  # inferences, counting each row of a batch
-    execution_count: int = 0  # model runs
-    last_inference_ms: int = 0
-    success: Duration = field(default_factory=Duration)
-    fail: Duration = field(default_factory=Duration)
-    queue: Duration = field(default_factory=Duration)
-    compute_input: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
-    compute_output: Duration = field(default_factory=Duration)
-    batches: dict[int, BatchStats] = field(default_factory=dict)
+    __slots__ = (
+        "batches",
+        "execution_count",
+        "fail_count",
+        "fail_ns",
+        "inference_count",
+        "last_inference_ns",
+        "queue_count",
+        "queue_ns",
+        "success_count",
+        "success_ns",
+    )
+
+    def __init__(self) -> None:
+        self.inference_count = 0  # inferences, counting each row of a batch
+        self.execution_count = 0  # model runs
+        self.last_inference_ns = 0  # perf_counter_ns of the last inference (0 = none)
+        self.success_count = self.success_ns = 0
+        self.fail_count = self.fail_ns = 0
+        self.queue_count = self.queue_ns = 0
+        self.batches: dict[int, list[int]] = {}  # batch size -> row (see _COUNT...)
 
     def record_success(
-        self, batch_size: int, total_ns: int, input_ns: int, infer_ns: int, output_ns: int
-    ) -> None:
+        self, batch_size: int, now_ns: int, total_ns: int, input_ns: int, infer_ns: int,
+        output_ns: int,
+    ) -> None:  # fmt: skip
+        """`now_ns` is perf_counter_ns at the end of the run (converted to wall time on read)."""
         self.inference_count += batch_size
         self.execution_count += 1
-        self.last_inference_ms = time.time_ns() // 1_000_000
-        self.success.add(total_ns)
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
-        batch = self.batches.get(batch_size)
-        if batch is None:
-            batch = self.batches[batch_size] = BatchStats()
-        batch.compute_input.add(input_ns)
-        batch.compute_infer.add(infer_ns)
-        batch.compute_output.add(output_ns)
+        self.last_inference_ns = now_ns
+        self.success_count += 1
+        self.success_ns += total_ns
+        row = self.batches.get(batch_size)
+        if row is None:
+            row = self.batches[batch_size] = [0, 0, 0, 0]
+        row[_COUNT] += 1
+        row[_INPUT] += input_ns
+        row[_INFER] += infer_ns
+        row[_OUTPUT] += output_ns
 
     def record_failure(self, total_ns: int) -> None:
-        self.last_inference_ms = time.time_ns() // 1_000_000
-        self.fail.add(total_ns)
+        self.last_inference_ns = time.perf_counter_ns()
+        self.fail_count += 1
+        self.fail_ns += total_ns
 
-    def to_dict(self, name: str, version: str, memory_bytes: int) -> dict:
+    def _last_inference_ms(self) -> int:
+        """Milliseconds since the epoch of the last inference, as Triton reports it."""
+        if not self.last_inference_ns:
+            return 0
+        ago_ns = time.perf_counter_ns() - self.last_inference_ns
+        return (time.time_ns() - ago_ns) // 1_000_000
+
+    def to_dict(self, name: str, version: str, memory_bytes: int) -> dict[str, Any]:
         """Triton's ModelStatistics JSON (uint64 fields as numbers)."""
-        zero = Duration().to_dict()
+
+        def duration(count: int, ns: int) -> dict[str, int]:
+            return {"count": count, "ns": ns}
+
+        rows = self.batches.values()
+        runs = sum(r[_COUNT] for r in rows)
         return {
             "name": name,
             "version": version,
-            "last_inference": self.last_inference_ms,
+            "last_inference": self._last_inference_ms(),
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
             "inference_stats": {
-                "success": self.success.to_dict(),
-                "fail": self.fail.to_dict(),
-                "queue": self.queue.to_dict(),
-                "compute_input": self.compute_input.to_dict(),
-                "compute_infer": self.compute_infer.to_dict(),
-                "compute_output": self.compute_output.to_dict(),
-                "cache_hit": zero,
-                "cache_miss": zero,
+                "success": duration(self.success_count, self.success_ns),
+                "fail": duration(self.fail_count, self.fail_ns),
+                "queue": duration(self.queue_count, self.queue_ns),
+                "compute_input": duration(runs, sum(r[_INPUT] for r in rows)),
+                "compute_infer": duration(runs, sum(r[_INFER] for r in rows)),
+                "compute_output": duration(runs, sum(r[_OUTPUT] for r in rows)),
+                "cache_hit": duration(0, 0),
+                "cache_miss": duration(0, 0),
             },
             "response_stats": {},
             "batch_stats": [
                 {
                     "batch_size": size,
-                    "compute_input": b.compute_input.to_dict(),
-                    "compute_infer": b.compute_infer.to_dict(),
-                    "compute_output": b.compute_output.to_dict(),
+                    "compute_input": duration(r[_COUNT], r[_INPUT]),
+                    "compute_infer": duration(r[_COUNT], r[_INFER]),
+                    "compute_output": duration(r[_COUNT], r[_OUTPUT]),
                 }
-                for size, b in sorted(self.batches.items())
+                for size, r in sorted(self.batches.items())
             ],
             "memory_usage": [{"type": "CPU", "id": 0, "byte_size": memory_bytes}],
         }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,9 +41,8 @@ def datatype_of(dtype: np.dtype) -> str:
     return name
 
 
-@dataclass(frozen=True, slots=True)
-class ModelId:
-    """One servable: a model name and an integer version."""
+class ModelId(NamedTuple):
+    """One servable: a model name and an integer version (a tuple: cheap to make and hash)."""
 
     name: str
     version: int
