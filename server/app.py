@@ -55,7 +55,7 @@ class App:
         self.cache: ModelCache | None = None
         self.service: InferenceService | None = None
         self.http_port = self.grpc_port = self.metrics_port = 0
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
         self._grpc: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -71,12 +71,15 @@ class App:
         names = self.repository.scan()
         log.info("model repository %s: %d models", s.model_repository, len(names))
 
+        timeout = s.shutdown_timeout_s
         rest = RestApi(self.service, s.max_request_bytes)
-        self.http_port = await self._serve_http(rest.app(), s.http_port)
+        rest_runner = web.ServerRunner(rest.server(access_log=None), shutdown_timeout=timeout)
+        self.http_port = await self._serve_http(rest_runner, s.http_port)
         if s.metrics_port >= 0:
-            self.metrics_port = await self._serve_http(
-                metrics_app(self.metrics.render), s.metrics_port
+            metrics_runner = web.AppRunner(
+                metrics_app(self.metrics.render), access_log=None, shutdown_timeout=timeout
             )
+            self.metrics_port = await self._serve_http(metrics_runner, s.metrics_port)
         if s.grpc_port >= 0:
             self._grpc = grpc.aio.server(
                 options=[
@@ -96,10 +99,7 @@ class App:
             s.host, self.http_port, s.host, self.grpc_port, s.host, self.metrics_port,
         )  # fmt: skip
 
-    async def _serve_http(self, app: web.Application, port: int) -> int:
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=self.settings.shutdown_timeout_s
-        )
+    async def _serve_http(self, runner: web.BaseRunner, port: int) -> int:
         await runner.setup()
         self._runners.append(runner)
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET

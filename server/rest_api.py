@@ -1,8 +1,12 @@
-"""REST edge: aiohttp routes of the Open Inference Protocol and Triton's extensions.
+"""REST edge: the Open Inference Protocol and Triton's extensions over aiohttp.
 
 Handlers only translate: HTTP -> json_codec -> InferenceService -> json_codec -> HTTP.
-Errors are mapped to statuses in one table. No middleware: the infer route is the hot
-path and each handler already catches what it must.
+Errors become statuses through one table.
+
+It runs on aiohttp's low-level `web.Server` with the small router below instead of a
+`web.Application`: the application layer (router objects, match info, middleware
+chain, full Request objects) measured about 10 us of CPU per request on the 2-core
+dev machine, a fifth of a small model's whole request. The routes are few and fixed.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "rest"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON = "application/json"
 
 STATUS = {
     ErrorKind.NOT_FOUND: 404,
@@ -36,9 +42,13 @@ STATUS = {
     ErrorKind.UNIMPLEMENTED: 501,
     ErrorKind.INTERNAL: 500,
 }
-JSON = "application/json"
 
-Handler = Callable[["RestApi", web.Request], Awaitable[web.StreamResponse]]
+# /v2/models/{name}[/versions/{version}][/{action}]; no action = model metadata
+MODEL_PATH = re.compile(
+    r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z]+))?"
+)
+
+Handler = Callable[..., Awaitable[web.StreamResponse]]
 
 
 def error_response(exc: ServerError) -> web.Response:
@@ -54,13 +64,13 @@ def endpoint(fn: Handler) -> Handler:
     """Turn ServerError into the protocol's {"error": ...}; anything else into a 500."""
 
     @functools.wraps(fn)
-    async def wrapper(self: RestApi, request: web.Request) -> web.StreamResponse:
+    async def wrapper(
+        self: RestApi, request: web.BaseRequest, *args: str | None
+    ) -> web.StreamResponse:
         try:
-            return await fn(self, request)
+            return await fn(self, request, *args)
         except ServerError as exc:
             return error_response(exc)
-        except web.HTTPRequestEntityTooLarge as exc:
-            return error_response(InvalidArgument(f"request body too large: {exc.text}"))
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
             return error_response(Internal("internal server error"))
@@ -72,39 +82,58 @@ def json_response(doc: object) -> web.Response:
     return web.Response(body=orjson.dumps(doc), content_type=JSON)
 
 
-def _version(request: web.Request) -> str | None:
-    return request.match_info.get("version")
-
-
 class RestApi:
     def __init__(self, service: InferenceService, max_request_bytes: int) -> None:
         self._service = service
         self._max_bytes = max_request_bytes
+        # (method, path) -> handler, for the paths without parameters
+        self._fixed: dict[tuple[str, str], Handler] = {
+            ("GET", "/v2/health/live"): self.live,
+            ("GET", "/v2/health/ready"): self.ready,
+            ("GET", "/v2"): self.server_metadata,
+            ("GET", "/v2/"): self.server_metadata,
+            ("GET", "/v2/models/stats"): self.statistics,
+        }
+        # (method, action) -> handler, for /v2/models/{name}[/versions/{version}][/{action}]
+        self._model: dict[tuple[str, str | None], Handler] = {
+            ("POST", "infer"): self.infer,
+            ("GET", None): self.model_metadata,
+            ("GET", "ready"): self.model_ready,
+            ("GET", "config"): self.model_config,
+            ("GET", "stats"): self.statistics,
+        }
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._max_bytes)
-        model = "/v2/models/{name}"
-        versioned = "/v2/models/{name}/versions/{version}"
-        app.router.add_post(model + "/infer", self.infer)
-        app.router.add_post(versioned + "/infer", self.infer)
-        app.router.add_get("/v2/health/live", self.live)
-        app.router.add_get("/v2/health/ready", self.ready)
-        app.router.add_get("/v2", self.server_metadata)
-        app.router.add_get("/v2/", self.server_metadata)
-        app.router.add_get("/v2/models/stats", self.statistics)
-        for base in (model, versioned):
-            app.router.add_get(base, self.model_metadata)
-            app.router.add_get(base + "/ready", self.model_ready)
-            app.router.add_get(base + "/config", self.model_config)
-            app.router.add_get(base + "/stats", self.statistics)
-        app.router.add_route("*", "/{tail:.*}", self.not_found)
-        return app
+    def server(self, **kwargs: object) -> web.Server:
+        """The low-level aiohttp server for these routes (kwargs go to aiohttp)."""
+        max_bytes = self._max_bytes
 
-    async def infer(self, request: web.Request) -> web.Response:
+        def make_request(message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
+            return web.BaseRequest(
+                message, payload, protocol, writer, task, task.get_loop(), client_max_size=max_bytes
+            )
+
+        return web.Server(self.dispatch, request_factory=make_request, **kwargs)  # type: ignore[arg-type]
+
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        method, path = request.method, request.path
+        match = MODEL_PATH.fullmatch(path)
+        if match is not None and path != "/v2/models/stats":
+            handler = self._model.get((method, match["action"]))
+            if handler is not None:
+                return await handler(request, match["name"], match["version"])
+        else:
+            handler = self._fixed.get((method, path))
+            if handler is not None:
+                return await handler(request, None, None)
+        return web.Response(
+            status=404, body=error_body(f"no route {method} {path[:200]}"), content_type=JSON
+        )
+
+    async def infer(self, request: web.BaseRequest, name: str, version: str | None) -> web.Response:
         """The hot path: no decorator layer, errors handled here."""
         started = time.perf_counter()
         try:
-            req = await self._decode(request)
+            req = await self._decode(request, name, version)
         except ServerError as exc:
             self._service.reject(PROTOCOL, exc, started)
             return error_response(exc)
@@ -126,7 +155,9 @@ class RestApi:
             headers={HEADER_LENGTH: str(header_length)},
         )
 
-    async def _decode(self, request: web.Request) -> InferRequest:
+    async def _decode(
+        self, request: web.BaseRequest, name: str, version: str | None
+    ) -> InferRequest:
         length = request.content_length
         if length is not None and length > self._max_bytes:
             raise InvalidArgument(
@@ -141,53 +172,42 @@ class RestApi:
             raise InvalidArgument(
                 f"request body exceeds the limit of {self._max_bytes} bytes"
             ) from None
-        match = request.match_info
-        return decode_request(
-            body, int(header) if header else None, match["name"], match.get("version")
-        )
+        return decode_request(body, int(header) if header else None, name, version)
 
-    async def live(self, request: web.Request) -> web.Response:
+    async def live(self, request: web.BaseRequest, *_: str | None) -> web.Response:
         return web.Response(status=200)
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: web.BaseRequest, *_: str | None) -> web.Response:
         return web.Response(status=200 if self._service.ready else 400)
 
     @endpoint
-    async def server_metadata(self, request: web.Request) -> web.Response:
+    async def server_metadata(self, request: web.BaseRequest, *_: str | None) -> web.Response:
         return json_response(self._service.server_metadata())
 
     @endpoint
-    async def model_metadata(self, request: web.Request) -> web.Response:
-        return json_response(
-            self._service.model_metadata(request.match_info["name"], _version(request))
-        )
+    async def model_metadata(
+        self, request: web.BaseRequest, name: str, version: str | None
+    ) -> web.Response:
+        return json_response(self._service.model_metadata(name, version))
 
     @endpoint
-    async def model_ready(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    async def model_ready(
+        self, request: web.BaseRequest, name: str, version: str | None
+    ) -> web.Response:
         self._service.check_model(name)
-        return web.Response(
-            status=200 if self._service.model_ready(name, _version(request)) else 400
-        )
+        return web.Response(status=200 if self._service.model_ready(name, version) else 400)
 
     @endpoint
-    async def model_config(self, request: web.Request) -> web.Response:
-        return json_response(
-            self._service.model_config(request.match_info["name"], _version(request))
-        )
+    async def model_config(
+        self, request: web.BaseRequest, name: str, version: str | None
+    ) -> web.Response:
+        return json_response(self._service.model_config(name, version))
 
     @endpoint
-    async def statistics(self, request: web.Request) -> web.Response:
-        name = request.match_info.get("name", "")
-        return json_response(self._service.model_statistics(name, _version(request)))
-
-    @endpoint
-    async def not_found(self, request: web.Request) -> web.Response:
-        return web.Response(
-            status=404,
-            body=error_body(f"no route {request.method} {request.path}"),
-            content_type=JSON,
-        )
+    async def statistics(
+        self, request: web.BaseRequest, name: str | None, version: str | None
+    ) -> web.Response:
+        return json_response(self._service.model_statistics(name or "", version))
 
 
 def metrics_app(render: Callable[[], bytes]) -> web.Application:
