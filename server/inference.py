@@ -59,9 +59,28 @@ class InferenceService:
             s = self._cache.lease(model_id) or await self._cache.acquire(model_id)
             version = s.version
             try:
-                return await self._run(s, req, started)
+                t0 = time.perf_counter_ns()
+                batch = _check_inputs(s, req)
+                names = _output_names(s, req.outputs) if req.outputs else None
+                t1 = time.perf_counter_ns()
+                if s.inline and batch * s.run_us < self._inline_run_us:
+                    outputs = s.model.run(req.inputs, names)
+                else:
+                    loop = asyncio.get_running_loop()
+                    outputs = await loop.run_in_executor(
+                        self._run_pool, s.model.run, req.inputs, names
+                    )
+                t2 = time.perf_counter_ns()
+            except InputError as exc:
+                s.stats.record_failure(time.perf_counter_ns() - t0)
+                raise InvalidArgument(str(exc)) from None
+            except RunError as exc:
+                s.stats.record_failure(time.perf_counter_ns() - t0)
+                raise Internal(f"model {s.id} failed to run: {exc}") from None
             finally:
                 self._cache.release(s)
+            s.stats.record_success(batch, t2, t2 - int(started * 1e9), t1 - t0, t2 - t1, 0)
+            return InferResponse(s.id.name, version, req.id, outputs, req.outputs)
         except ServerError as exc:
             outcome = exc.kind.value.lower()
             raise
@@ -73,27 +92,6 @@ class InferenceService:
         self._observe(
             (OTHER, OTHER, protocol, exc.kind.value.lower()), time.perf_counter() - started
         )
-
-    async def _run(self, s: Servable, req: InferRequest, started: float) -> InferResponse:
-        t0 = time.perf_counter_ns()
-        batch = _check_inputs(s, req)
-        names = _output_names(s, req.outputs) if req.outputs else None
-        t1 = time.perf_counter_ns()
-        try:
-            if s.inline and batch * s.run_us < self._inline_run_us:
-                outputs = s.model.run(req.inputs, names)
-            else:
-                loop = asyncio.get_running_loop()
-                outputs = await loop.run_in_executor(self._run_pool, s.model.run, req.inputs, names)
-        except InputError as exc:
-            s.stats.record_failure(time.perf_counter_ns() - t0)
-            raise InvalidArgument(str(exc)) from None
-        except RunError as exc:
-            s.stats.record_failure(time.perf_counter_ns() - t0)
-            raise Internal(f"model {s.id} failed to run: {exc}") from None
-        t2 = time.perf_counter_ns()
-        s.stats.record_success(batch, t2, t2 - int(started * 1e9), t1 - t0, t2 - t1, 0)
-        return InferResponse(s.id.name, s.version, req.id, outputs, req.outputs)
 
     # -- health and metadata --------------------------------------------------------
 
@@ -187,7 +185,10 @@ def _check_inputs(s: Servable, req: InferRequest) -> int:
                 f"input {name!r}: datatype {req.datatypes[name]}, model {s.id} expects {datatype}"
             )
         shape = array.shape
-        if len(shape) != rank or any(shape[axis] != size for axis, size in fixed):
+        bad = len(shape) != rank
+        for axis, size in fixed:
+            bad = bad or shape[axis] != size
+        if bad:
             raise InvalidArgument(
                 f"input {name!r}: shape {list(shape)} does not match the model's "
                 f"{list(s.inputs[name].shape)} (-1 = any size)"

@@ -84,13 +84,7 @@ def decode_request(
     if not isinstance(request_id, str):
         raise InvalidArgument("'id' must be a string")
     return InferRequest(
-        model_name=model_name,
-        model_version=model_version,
-        inputs=inputs,
-        datatypes=datatypes,
-        id=request_id,
-        parameters=parameters,
-        outputs=outputs,
+        model_name, model_version, inputs, datatypes, request_id, parameters, outputs
     )
 
 
@@ -220,19 +214,25 @@ def _flatten_text(name: str, data: Any) -> list[bytes]:
 
 def encode_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary data follows."""
-    wanted = resp.requested or [RequestedOutput(n) for n in resp.outputs]
+    # (name, binary?) per output, in the order asked for (all outputs when none were)
+    if resp.requested:
+        wanted = [
+            (o.name, binary_default if o.binary is None else o.binary) for o in resp.requested
+        ]
+    else:
+        wanted = [(name, binary_default) for name in resp.outputs]
     entries = []
     chunks: list[bytes] = []
-    for out in wanted:
-        array = resp.outputs[out.name]
+    for name, binary in wanted:
+        array = resp.outputs[name]
         datatype = datatype_of(array.dtype)
-        entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": array.shape}
-        if binary_default if out.binary is None else out.binary:
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": array.shape}
+        if binary:
             raw = bytes_of(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":
-            entry["data"] = [_text(out.name, b) for b in byte_elements(array)]
+            entry["data"] = [_text(name, b) for b in byte_elements(array)]
         else:
             entry["data"] = array.ravel()
         entries.append(entry)

@@ -158,15 +158,10 @@ class RestApi:
     async def _decode(
         self, request: web.BaseRequest, name: str, version: str | None
     ) -> InferRequest:
-        length = request.content_length
-        if length is not None and length > self._max_bytes:
-            raise InvalidArgument(
-                f"request body of {length} bytes exceeds the limit of {self._max_bytes}"
-            )
         header = request.headers.get(HEADER_LENGTH)
         if header is not None and not (header.isascii() and header.isdigit()):
             raise InvalidArgument(f"{HEADER_LENGTH} must be a non-negative integer")
-        try:
+        try:  # aiohttp stops reading at the limit (client_max_size) and raises
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise InvalidArgument(
