@@ -31,22 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from server.types import DTYPES  # noqa: E402  (needs ROOT on sys.path)
+
 # V2 datatype <-> numpy dtype, enough for the numeric models a baseline serves.
-V2_TO_NP: dict[str, Any] = {
-    "BOOL": np.bool_,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
-NP_TO_V2: dict[Any, str] = {np.dtype(v): k for k, v in V2_TO_NP.items()}
+V2_TO_NP: dict[str, np.dtype] = {k: v for k, v in DTYPES.items() if v != np.object_}
+NP_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NP.items()}
 
 MAX_MSG = 64 * 1024 * 1024
 

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import itertools
 import json
 import os
 import platform
@@ -78,51 +77,13 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _fallback_mlp() -> bytes:
-    """Same graph as loaders.testing.mlp() (16->64->4, seed 0), for when loaders is absent."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    widths = [16, 64, 4]
-    nodes, inits, cur = [], [], "INPUT0"
-    for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
-        w = (rng.standard_normal((w_in, w_out)) * np.sqrt(2.0 / w_in)).astype(np.float32)
-        b = (rng.standard_normal(w_out) * 0.1).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
-        last = i == len(widths) - 2
-        out = "OUTPUT0" if last else f"gemm{i}"
-        nodes.append(helper.make_node("Gemm", [cur, f"W{i}", f"B{i}"], [out], f"Gemm{i}"))
-        if not last:
-            nodes.append(helper.make_node("Relu", [out], [f"relu{i}"], f"Relu{i}"))
-            cur = f"relu{i}"
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", widths[0]])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", widths[-1]])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 def make_repository(repo: Path, name: str, model_path: str | None) -> tuple[Path, str]:
     """Write repo/name/1/model.onnx; returns (path, description of where the model came from)."""
-    if model_path:
-        data, origin = Path(model_path).read_bytes(), model_path
-    else:
-        try:
-            from loaders.testing import mlp, write_model
+    from loaders.testing import mlp, write_model
 
-            return write_model(repo, name, mlp()), "loaders.testing.mlp()"
-        except ImportError:
-            data, origin = _fallback_mlp(), "built-in copy of loaders.testing.mlp()"
-    path = repo / name / "1" / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path, origin
+    if model_path:
+        return write_model(repo, name, Path(model_path).read_bytes()), model_path
+    return write_model(repo, name, mlp()), "loaders.testing.mlp()"
 
 
 @dataclass

@@ -9,39 +9,29 @@ names, so methods are called by path on a plain channel.
 from __future__ import annotations
 
 import asyncio
-import functools
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from protos import grpc_service_pb2 as pb
 from protos import health_pb2
 from protos import model_config_pb2 as mc
+from tests.helpers import (
+    NUMPY,
+    assert_identical,
+    extremes,
+    mlp_input,
+    ort_run,
+    raw_bytes,
+    split_bytes,
+)
 
 SERVICE = "/inference.GRPCInferenceService/"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-
-NUMPY = {
-    "BOOL": np.bool_,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
 
 # which InferTensorContents field carries each datatype (PROTOCOL.md 2.6)
 CONTENTS_FIELD = {
@@ -58,36 +48,6 @@ CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-
-
-# --------------------------------------------------------------------------
-# onnxruntime, run directly: the reference for every result
-
-
-@functools.cache
-def _session(path: str) -> ort.InferenceSession:
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-
-
-def ort_run(repo: Path, model: str, version: int, inputs: dict[str, np.ndarray]) -> dict:
-    """Run the model file with onnxruntime; BYTES go in as str and come back as bytes."""
-    session = _session(str(repo / model / str(version) / "model.onnx"))
-    feed = {}
-    for name, array in inputs.items():
-        if array.dtype == np.object_:
-            array = np.array([b.decode() for b in array.ravel()], dtype=np.object_).reshape(
-                array.shape
-            )
-        feed[name] = array
-    names = [o.name for o in session.get_outputs()]
-    out = {}
-    for name, array in zip(names, session.run(names, feed), strict=True):
-        if array.dtype == np.object_:
-            array = np.array([s.encode() for s in array.ravel()], dtype=np.object_).reshape(
-                array.shape
-            )
-        out[name] = array
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -123,13 +83,6 @@ def infer_failure(channel: grpc.Channel, request: pb.ModelInferRequest) -> grpc.
     return failure(channel, "ModelInfer", request, pb.ModelInferResponse)
 
 
-def raw_bytes(array: np.ndarray) -> bytes:
-    """The raw_*_contents layout: little-endian row-major, BYTES length-prefixed."""
-    if array.dtype == np.object_:
-        return b"".join(struct.pack("<I", len(b)) + b for b in array.ravel())
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-
-
 def request_of(
     model: str,
     tensors: dict[str, tuple[str, np.ndarray]],
@@ -152,15 +105,6 @@ def request_of(
     return request
 
 
-def _split_bytes(raw: bytes) -> list[bytes]:
-    items, pos = [], 0
-    while pos < len(raw):
-        (length,) = struct.unpack_from("<I", raw, pos)
-        items.append(raw[pos + 4 : pos + 4 + length])
-        pos += 4 + length
-    return items
-
-
 def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """Decode raw_output_contents (the server always answers raw, as Triton does)."""
     assert len(response.raw_output_contents) == len(response.outputs)
@@ -170,25 +114,11 @@ def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
         shape = list(tensor.shape)
         if tensor.datatype == "BYTES":
             array = np.empty(int(np.prod(shape)), dtype=np.object_)
-            array[:] = _split_bytes(raw)
+            array[:] = split_bytes(raw)
             out[tensor.name] = array.reshape(shape)
         else:
             out[tensor.name] = np.frombuffer(raw, dtype=NUMPY[tensor.datatype]).reshape(shape)
     return out
-
-
-def assert_identical(actual: np.ndarray, expected: np.ndarray) -> None:
-    """Same dtype, shape and bytes (so -0.0, NaN and extreme values all count)."""
-    assert actual.shape == expected.shape
-    assert actual.dtype == expected.dtype
-    if expected.dtype == np.object_:
-        assert actual.ravel().tolist() == expected.ravel().tolist()
-    else:
-        assert actual.tobytes() == expected.tobytes()
-
-
-def mlp_input(rows: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
 
 
 def simple_inputs(rows: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -197,28 +127,6 @@ def simple_inputs(rows: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     a = rng.integers(info.min // 2, info.max // 2, (rows, 16), dtype=np.int32)
     b = rng.integers(info.min // 2, info.max // 2, (rows, 16), dtype=np.int32)
     return {"INPUT0": a, "INPUT1": b}
-
-
-def extremes(datatype: str) -> np.ndarray:
-    """A [3, 4] tensor with the extreme values of a datatype."""
-    if datatype == "BOOL":
-        return np.array([True, False] * 6, dtype=np.bool_).reshape(3, 4)
-    if datatype == "BYTES":
-        values = [b"", b"ascii", "héllo".encode(), "日本語".encode(), "🙂".encode(), b"x" * 300]
-        values += ["Ελληνικά".encode(), b"a\tb", "€".encode(), b'"', "Кир".encode(), b"end"]
-        array = np.empty(12, dtype=np.object_)
-        array[:] = values
-        return array.reshape(3, 4)
-    dtype = np.dtype(NUMPY[datatype])
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        lo, hi = int(info.min), int(info.max)
-        values = [lo, hi, 0, 1, lo + 1, hi - 1, hi // 2, hi // 3, 7, lo // 2, hi // 5, 42]
-        return np.array(values, dtype=dtype).reshape(3, 4)
-    finfo = np.finfo(dtype)
-    values = [finfo.max, -finfo.max, finfo.tiny, finfo.smallest_subnormal, -0.0, np.inf]
-    values += [-np.inf, np.nan, finfo.eps, 1 / 3, np.pi, -np.e]
-    return np.array(values, dtype=dtype).reshape(3, 4)
 
 
 # --------------------------------------------------------------------------

@@ -10,36 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
-import onnxruntime as ort
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
+from tests.helpers import NUMPY, assert_identical, mlp_input, ort_run, raw_bytes, split_bytes
 
-NUMPY = {
-    "BOOL": np.bool_,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 # Values for each identity_<dt> model, shape [2, 4]: the extremes of every integer type,
 # awkward floats (subnormals, -0.0, the largest finite value, non-representable decimals)
@@ -136,13 +119,6 @@ def json_input(name: str, array: np.ndarray, datatype: str, *, nested: bool = Fa
     return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
 
 
-def raw_bytes(array: np.ndarray) -> bytes:
-    """Triton's binary tensor layout, written independently of the server's code."""
-    if array.dtype == np.object_:
-        return b"".join(struct.pack("<I", len(b)) + b for b in array.ravel())
-    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-
-
 def binary_request(
     inputs: list[tuple[str, str, np.ndarray, bool]],
     outputs: list[dict] | None = None,
@@ -174,16 +150,6 @@ def binary_request(
     return header + b"".join(chunks), headers
 
 
-def decode_bytes_elements(raw: bytes) -> list[bytes]:
-    items, pos = [], 0
-    while pos < len(raw):
-        (n,) = struct.unpack_from("<I", raw, pos)
-        items.append(raw[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    assert pos == len(raw), "BYTES elements overrun the binary data"
-    return items
-
-
 def response_arrays(reply: Reply) -> tuple[dict, dict[str, np.ndarray]]:
     """The response document and its outputs as arrays, JSON or binary."""
     assert reply.status == 200, reply.body[:500]
@@ -204,7 +170,7 @@ def response_arrays(reply: Reply) -> tuple[dict, dict[str, np.ndarray]]:
             offset += size
             if datatype == "BYTES":
                 array = np.empty(int(np.prod(shape)), dtype=object)
-                array[:] = decode_bytes_elements(raw)
+                array[:] = split_bytes(raw)
             else:
                 array = np.frombuffer(raw, dtype=np.dtype(NUMPY[datatype]).newbyteorder("<"))
         elif datatype == "BYTES":
@@ -217,58 +183,16 @@ def response_arrays(reply: Reply) -> tuple[dict, dict[str, np.ndarray]]:
     return doc, arrays
 
 
-def assert_same(actual: np.ndarray, expected: np.ndarray) -> None:
-    assert actual.shape == expected.shape
-    if expected.dtype == np.object_:
-        assert actual.dtype == np.object_
-        assert actual.tolist() == expected.tolist()
-        return
-    assert actual.dtype == expected.dtype
-    # bit patterns: exact, and tells -0.0 from 0.0
-    np.testing.assert_array_equal(
-        actual.view(f"u{expected.itemsize}") if expected.dtype.kind == "f" else actual,
-        expected.view(f"u{expected.itemsize}") if expected.dtype.kind == "f" else expected,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# reference: onnxruntime directly on the repository's model files
-
-
-class Reference:
-    def __init__(self, repo: Path) -> None:
-        self._repo = repo
-        self._sessions: dict[tuple[str, int], ort.InferenceSession] = {}
-
-    def run(self, model: str, version: int, inputs: dict[str, np.ndarray]) -> dict:
-        key = (model, version)
-        if key not in self._sessions:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            path = self._repo / model / str(version) / "model.onnx"
-            self._sessions[key] = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        session = self._sessions[key]
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, inputs), strict=True))
-
-
-@pytest.fixture(scope="module")
-def reference(repo: Path) -> Reference:
-    return Reference(repo)
-
-
-def mlp_input(rows: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
-
-
 def simple_inputs(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     a = rng.integers(-1000, 1000, (rows, 16), dtype=np.int32)
     b = rng.integers(-1000, 1000, (rows, 16), dtype=np.int32)
     return a, b
+
+
+def simple_json_inputs(a: np.ndarray, b: np.ndarray) -> list[dict]:
+    """The `simple` model's two INT32 inputs as JSON tensors."""
+    return [json_input("INPUT0", a, "INT32"), json_input("INPUT1", b, "INT32")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,7 +270,7 @@ def test_model_ready_of_unknown_model_is_404(server):
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
-def test_mlp_json_inference_equals_onnxruntime(server, reference, nested):
+def test_mlp_json_inference_equals_onnxruntime(server, repo, nested):
     x = mlp_input(3, seed=10 + nested)
     reply = post_json(
         server, infer_path("mlp"), {"inputs": [json_input("INPUT0", x, "FP32", nested=nested)]}
@@ -356,7 +280,7 @@ def test_mlp_json_inference_equals_onnxruntime(server, reference, nested):
     assert doc["model_version"] == "2"
     assert [o["name"] for o in doc["outputs"]] == ["OUTPUT0"]
     assert doc["outputs"][0]["datatype"] == "FP32"
-    assert_same(arrays["OUTPUT0"], reference.run("mlp", 2, {"INPUT0": x})["OUTPUT0"])
+    assert_identical(arrays["OUTPUT0"], ort_run(repo, "mlp", 2, {"INPUT0": x})["OUTPUT0"])
 
 
 def test_response_echoes_id_only_when_the_request_gives_one(server):
@@ -371,40 +295,36 @@ def test_response_echoes_id_only_when_the_request_gives_one(server):
     assert "id" not in without.json()
 
 
-def test_explicit_version_path_serves_that_version(server, reference):
+def test_explicit_version_path_serves_that_version(server, repo):
     x = mlp_input(2, seed=4)
     reply = post_json(server, infer_path("mlp", "2"), {"inputs": [json_input("INPUT0", x, "FP32")]})
     doc, arrays = response_arrays(reply)
     assert doc["model_version"] == "2"
-    assert_same(arrays["OUTPUT0"], reference.run("mlp", 2, {"INPUT0": x})["OUTPUT0"])
+    assert_identical(arrays["OUTPUT0"], ort_run(repo, "mlp", 2, {"INPUT0": x})["OUTPUT0"])
     # version 2's weights, not version 1's
-    assert not np.array_equal(arrays["OUTPUT0"], reference.run("mlp", 1, {"INPUT0": x})["OUTPUT0"])
+    assert not np.array_equal(arrays["OUTPUT0"], ort_run(repo, "mlp", 1, {"INPUT0": x})["OUTPUT0"])
 
 
-def test_outputs_selects_a_subset(server, reference):
+def test_outputs_selects_a_subset(server, repo):
     a, b = simple_inputs(2, seed=5)
     reply = post_json(
         server,
         infer_path("simple"),
         {
-            "inputs": [json_input("INPUT0", a, "INT32"), json_input("INPUT1", b, "INT32")],
+            "inputs": simple_json_inputs(a, b),
             "outputs": [{"name": "OUTPUT1"}],
         },
     )
     doc, arrays = response_arrays(reply)
     assert [o["name"] for o in doc["outputs"]] == ["OUTPUT1"]
-    expected = reference.run("simple", 1, {"INPUT0": a, "INPUT1": b})
-    assert_same(arrays["OUTPUT1"], expected["OUTPUT1"])
+    expected = ort_run(repo, "simple", 1, {"INPUT0": a, "INPUT1": b})
+    assert_identical(arrays["OUTPUT1"], expected["OUTPUT1"])
     np.testing.assert_array_equal(arrays["OUTPUT1"], a - b)
 
 
 def test_without_outputs_every_output_is_returned_in_model_order(server):
     a, b = simple_inputs(1, seed=6)
-    reply = post_json(
-        server,
-        infer_path("simple"),
-        {"inputs": [json_input("INPUT0", a, "INT32"), json_input("INPUT1", b, "INT32")]},
-    )
+    reply = post_json(server, infer_path("simple"), {"inputs": simple_json_inputs(a, b)})
     doc, arrays = response_arrays(reply)
     assert [o["name"] for o in doc["outputs"]] == ["OUTPUT0", "OUTPUT1"]
     np.testing.assert_array_equal(arrays["OUTPUT0"], a + b)
@@ -415,7 +335,7 @@ def test_without_outputs_every_output_is_returned_in_model_order(server):
 # Triton binary tensor data
 
 
-def test_binary_input_and_binary_output_by_output_parameter(server, reference):
+def test_binary_input_and_binary_output_by_output_parameter(server, repo):
     x = mlp_input(4, seed=7)
     body, headers = binary_request(
         [("INPUT0", "FP32", x, True)],
@@ -427,10 +347,10 @@ def test_binary_input_and_binary_output_by_output_parameter(server, reference):
     assert reply.headers["Content-Type"].startswith("application/octet-stream")
     doc, arrays = response_arrays(reply)
     assert doc["outputs"][0]["parameters"] == {"binary_data_size": 4 * 4 * 4}
-    assert_same(arrays["OUTPUT0"], reference.run("mlp", 2, {"INPUT0": x})["OUTPUT0"])
+    assert_identical(arrays["OUTPUT0"], ort_run(repo, "mlp", 2, {"INPUT0": x})["OUTPUT0"])
 
 
-def test_binary_data_output_parameter_makes_every_output_binary(server, reference):
+def test_binary_data_output_parameter_makes_every_output_binary(server, repo):
     a, b = simple_inputs(3, seed=8)
     body, headers = binary_request(
         [("INPUT0", "INT32", a, True), ("INPUT1", "INT32", b, True)],
@@ -440,9 +360,9 @@ def test_binary_data_output_parameter_makes_every_output_binary(server, referenc
     doc, arrays = response_arrays(reply)
     assert [o["name"] for o in doc["outputs"]] == ["OUTPUT0", "OUTPUT1"]
     assert all("data" not in o for o in doc["outputs"])
-    expected = reference.run("simple", 1, {"INPUT0": a, "INPUT1": b})
-    assert_same(arrays["OUTPUT0"], expected["OUTPUT0"])
-    assert_same(arrays["OUTPUT1"], expected["OUTPUT1"])
+    expected = ort_run(repo, "simple", 1, {"INPUT0": a, "INPUT1": b})
+    assert_identical(arrays["OUTPUT0"], expected["OUTPUT0"])
+    assert_identical(arrays["OUTPUT1"], expected["OUTPUT1"])
 
 
 def test_output_binary_data_false_overrides_binary_data_output(server):
@@ -476,10 +396,10 @@ def test_bytes_binary_round_trip_with_length_prefixes(server):
     out = doc["outputs"][0]
     assert out["datatype"] == "BYTES"
     assert out["parameters"]["binary_data_size"] == len(raw_bytes(x))
-    assert_same(arrays["OUTPUT0"], x)
+    assert_identical(arrays["OUTPUT0"], x)
 
 
-def test_mixed_json_and_binary_inputs(server, reference):
+def test_mixed_json_and_binary_inputs(server, repo):
     a, b = simple_inputs(2, seed=11)
     for first_binary in (True, False):
         body, headers = binary_request(
@@ -487,9 +407,9 @@ def test_mixed_json_and_binary_inputs(server, reference):
         )
         reply = call(server, "POST", infer_path("simple"), body, headers)
         _, arrays = response_arrays(reply)
-        expected = reference.run("simple", 1, {"INPUT0": a, "INPUT1": b})
-        assert_same(arrays["OUTPUT0"], expected["OUTPUT0"])
-        assert_same(arrays["OUTPUT1"], expected["OUTPUT1"])
+        expected = ort_run(repo, "simple", 1, {"INPUT0": a, "INPUT1": b})
+        assert_identical(arrays["OUTPUT0"], expected["OUTPUT0"])
+        assert_identical(arrays["OUTPUT1"], expected["OUTPUT1"])
 
 
 def test_binary_input_of_non_utf8_bytes_is_rejected_for_onnx_strings(server):
@@ -521,7 +441,7 @@ def test_every_datatype_round_trips_over_json(server, datatype):
         assert out["data"] == VALUES["BOOL"]  # JSON true/false, not 1/0
     if datatype == "BYTES":
         assert out["data"] == VALUES["BYTES"]  # UTF-8 strings come back as strings
-    assert_same(arrays["OUTPUT0"], x)
+    assert_identical(arrays["OUTPUT0"], x)
 
 
 @pytest.mark.parametrize("datatype", list(NUMPY))
@@ -536,7 +456,7 @@ def test_every_datatype_round_trips_over_binary(server, datatype):
     assert out["datatype"] == datatype
     assert out["shape"] == [2, 4]
     assert out["parameters"]["binary_data_size"] == len(raw_bytes(x))
-    assert_same(arrays["OUTPUT0"], x)
+    assert_identical(arrays["OUTPUT0"], x)
 
 
 def test_bool_input_given_as_strings_is_rejected_not_read_as_true(server):
@@ -559,12 +479,12 @@ def test_bool_input_given_as_strings_is_rejected_not_read_as_true(server):
 # shapes: fixed and versioned models
 
 
-def test_fixed_shape_model_takes_its_exact_shape(server, reference):
+def test_fixed_shape_model_takes_its_exact_shape(server, repo):
     x = np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5
     reply = post_json(server, infer_path("fixed"), {"inputs": [json_input("INPUT0", x, "FP32")]})
     doc, arrays = response_arrays(reply)
     assert doc["outputs"][0]["shape"] == [3, 4]
-    assert_same(arrays["OUTPUT0"], reference.run("fixed", 1, {"INPUT0": x})["OUTPUT0"])
+    assert_identical(arrays["OUTPUT0"], ort_run(repo, "fixed", 1, {"INPUT0": x})["OUTPUT0"])
     np.testing.assert_array_equal(arrays["OUTPUT0"], x * 2)
 
 
@@ -675,11 +595,7 @@ def test_duplicate_input_is_400(server):
 
 def test_batch_larger_than_max_batch_size_is_400(server):
     a, b = simple_inputs(9, seed=13)
-    reply = post_json(
-        server,
-        infer_path("simple"),
-        {"inputs": [json_input("INPUT0", a, "INT32"), json_input("INPUT1", b, "INT32")]},
-    )
+    reply = post_json(server, infer_path("simple"), {"inputs": simple_json_inputs(a, b)})
     assert reply.status == 400
     message = reply.error()
     assert "batch size 9" in message and "1..8" in message
@@ -688,11 +604,7 @@ def test_batch_larger_than_max_batch_size_is_400(server):
 def test_inputs_disagreeing_on_batch_size_is_400(server):
     a, _ = simple_inputs(2, seed=14)
     _, b = simple_inputs(3, seed=14)
-    reply = post_json(
-        server,
-        infer_path("simple"),
-        {"inputs": [json_input("INPUT0", a, "INT32"), json_input("INPUT1", b, "INT32")]},
-    )
+    reply = post_json(server, infer_path("simple"), {"inputs": simple_json_inputs(a, b)})
     assert reply.status == 400
     assert "batch size" in reply.error()
 
@@ -806,7 +718,7 @@ def test_unknown_route_is_404_json(server, method, path):
     assert path in reply.error()
 
 
-def test_runtime_failure_is_500_and_the_server_keeps_serving(server, reference):
+def test_runtime_failure_is_500_and_the_server_keeps_serving(server, repo):
     before = model_stats(server, "fails_at_run")
     rows = np.arange(8, dtype=np.float32).reshape(2, 4)
     reply = post_json(
@@ -836,7 +748,7 @@ def test_runtime_failure_is_500_and_the_server_keeps_serving(server, reference):
     _, arrays = response_arrays(
         post_json(server, infer_path("mlp"), {"inputs": [json_input("INPUT0", x, "FP32")]})
     )
-    assert_same(arrays["OUTPUT0"], reference.run("mlp", 2, {"INPUT0": x})["OUTPUT0"])
+    assert_identical(arrays["OUTPUT0"], ort_run(repo, "mlp", 2, {"INPUT0": x})["OUTPUT0"])
 
 
 def test_corrupt_model_is_503_with_its_load_failure_while_others_serve(server):
@@ -1014,7 +926,7 @@ def test_metrics_count_undecodable_requests(server):
 # concurrency
 
 
-def test_many_concurrent_requests_get_their_own_results(server, reference):
+def test_many_concurrent_requests_get_their_own_results(server, repo):
     n = 200
 
     async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, dict, dict]:
@@ -1023,10 +935,7 @@ def test_many_concurrent_requests_get_their_own_results(server, reference):
             model = "mlp"
         else:
             a, b = simple_inputs(1 + i % 8, seed=i)
-            doc = {
-                "id": f"r{i}",
-                "inputs": [json_input("INPUT0", a, "INT32"), json_input("INPUT1", b, "INT32")],
-            }
+            doc = {"id": f"r{i}", "inputs": simple_json_inputs(a, b)}
             model = "simple"
         async with session.post(server.http_url + infer_path(model), data=orjson.dumps(doc)) as r:
             return r.status, doc, orjson.loads(await r.read())
@@ -1042,9 +951,9 @@ def test_many_concurrent_requests_get_their_own_results(server, reference):
         assert got["id"] == f"r{i}"
         if i % 2:
             x = np.array(sent["inputs"][0]["data"], dtype=np.float32).reshape(-1, 16)
-            expected = reference.run("mlp", 2, {"INPUT0": x})["OUTPUT0"]
+            expected = ort_run(repo, "mlp", 2, {"INPUT0": x})["OUTPUT0"]
             actual = np.array(got["outputs"][0]["data"], dtype=np.float32).reshape(expected.shape)
-            assert_same(actual, expected)
+            assert_identical(actual, expected)
         else:
             a, b = simple_inputs(1 + i % 8, seed=i)
             out = {o["name"]: np.array(o["data"], dtype=np.int32) for o in got["outputs"]}

@@ -7,7 +7,6 @@ directly on the same model file with the same input.
 
 from __future__ import annotations
 
-import functools
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
@@ -25,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as triton_mc
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import DATATYPES
+from tests.helpers import NUMPY, assert_identical, extremes, mlp_input, ort_run
 
 # What tritonclient's InferenceServerException.status() gives for each outcome.
 STATUS = {
@@ -41,38 +40,6 @@ STATUS = {
         "internal": "StatusCode.INTERNAL",
     },
 }
-
-
-# --------------------------------------------------------------------------
-# onnxruntime, run directly: the reference for every result
-
-
-@functools.cache
-def _session(path: str) -> ort.InferenceSession:
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-
-
-def ort_run(repo: Path, model: str, version: int, inputs: dict[str, np.ndarray]) -> dict:
-    """Run the model file with onnxruntime; BYTES go in as str and come back as bytes."""
-    session = _session(str(repo / model / str(version) / "model.onnx"))
-    feed = {k: _text(v) if v.dtype == np.object_ else v for k, v in inputs.items()}
-    names = [o.name for o in session.get_outputs()]
-    results = session.run(names, feed)
-    return {
-        n: _utf8(r) if r.dtype == np.object_ else r for n, r in zip(names, results, strict=True)
-    }
-
-
-def _text(array: np.ndarray) -> np.ndarray:
-    out = np.empty(array.size, dtype=np.object_)
-    out[:] = [b.decode() for b in array.ravel()]
-    return out.reshape(array.shape)
-
-
-def _utf8(array: np.ndarray) -> np.ndarray:
-    out = np.empty(array.size, dtype=np.object_)
-    out[:] = [s.encode() for s in array.ravel()]
-    return out.reshape(array.shape)
 
 
 def error_of(call: Any, *args: Any, **kwargs: Any) -> InferenceServerException:
@@ -129,10 +96,6 @@ def triton(request: pytest.FixtureRequest, server: Any) -> Any:
         client = grpcclient.InferenceServerClient(server.grpc)
         yield Triton("grpc", grpcclient, client)
     client.close()
-
-
-def mlp_input(rows: int = 3, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -455,74 +418,8 @@ def test_unsupported_extensions_raise_inference_server_exception(triton: Triton)
 # -- every datatype, through identity_<dt> -----------------------------------
 
 
-def datatype_values(datatype: str, finite_only: bool = False) -> np.ndarray:
-    """A [3, 4] tensor with the extremes of `datatype` (non-finite floats unless JSON)."""
-    if datatype == "BOOL":
-        values: list[Any] = [True, False, False, True, True, True, False, False, True, False]
-        values += [True, False]
-        return np.array(values, dtype=np.bool_).reshape(3, 4)
-    if datatype == "BYTES":
-        values = [
-            b"",
-            b"plain ascii",
-            "héllo wörld".encode(),
-            "日本語のテキスト".encode(),
-            "emoji 🙂👍🏽".encode(),
-            "Ελληνικά".encode(),
-            "mixed: ü€𝄞".encode(),
-            b"x" * 1000,
-            b"tab\tand\nnewline",
-            b'quote " and backslash \\',
-            "Кириллица".encode(),
-            b"last",
-        ]
-        array = np.empty(12, dtype=np.object_)
-        array[:] = values
-        return array.reshape(3, 4)
-    dtype = np.dtype(DATATYPES_NP[datatype])
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        lo, hi = int(info.min), int(info.max)
-        values = [lo, hi, 0, 1, lo + 1, hi - 1, hi // 2, hi // 3, 7, 100 % hi, lo // 2, hi // 7]
-        return np.array(values, dtype=dtype).reshape(3, 4)
-    finfo = np.finfo(dtype)
-    values = [finfo.max, -finfo.max, finfo.tiny, finfo.smallest_subnormal, -0.0, 0.0]
-    values += [1.0, -1.5, finfo.eps, 1 / 3, np.pi, -np.e]
-    if not finite_only:
-        values[2:5] = [np.inf, -np.inf, np.nan]
-    return np.array(values, dtype=dtype).reshape(3, 4)
-
-
-DATATYPES_NP = {
-    "BOOL": np.bool_,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
-
-
-def assert_identical(actual: np.ndarray, expected: np.ndarray) -> None:
-    """Same dtype, shape and bytes (so -0.0, NaN payloads and extremes all survive)."""
-    assert actual.shape == expected.shape
-    if expected.dtype == np.object_:
-        assert actual.dtype == np.object_
-        assert actual.ravel().tolist() == expected.ravel().tolist()
-    else:
-        assert actual.dtype == expected.dtype
-        assert actual.tobytes() == expected.tobytes()
-
-
 def test_the_datatype_table_covers_every_model_in_the_repository() -> None:
-    assert sorted(DATATYPES_NP) == sorted(DATATYPES)
+    assert sorted(NUMPY) == sorted(DATATYPES)
 
 
 @pytest.mark.parametrize("datatype", DATATYPES)
@@ -532,7 +429,7 @@ def test_the_datatype_table_covers_every_model_in_the_repository() -> None:
 def test_every_datatype_round_trips_unchanged(
     server: Any, repo: Path, datatype: str, transport: str
 ) -> None:
-    x = datatype_values(datatype, finite_only=transport == "http-json")
+    x = extremes(datatype, finite_only=transport == "http-json")
     model = f"identity_{datatype.lower()}"
     if transport == "grpc":
         with grpcclient.InferenceServerClient(server.grpc) as client:
