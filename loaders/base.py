@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+# loaded size / file size assumed before a load has measured it
+ESTIMATE_FACTOR = 2
+
 
 class LoadError(Exception):
     """The model could not be loaded; the message says why."""
@@ -87,7 +90,7 @@ class Loader(abc.ABC):
 
     def estimate_bytes(self) -> int:
         """An upper-bound guess of the loaded size, before loading (weights times 2)."""
-        return 2 * self.path.stat().st_size
+        return ESTIMATE_FACTOR * self.path.stat().st_size
 
     @abc.abstractmethod
     def load(self) -> LoadedModel:

@@ -92,7 +92,8 @@ class App:
             self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
             await self._grpc.start()
 
-        await self._load_all(names)
+        if s.preload:
+            await self._load_all(names)
         self.service.ready = True
         log.info(
             "fleetserve ready: http %s:%d grpc %s:%d metrics %s:%d",

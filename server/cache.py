@@ -12,15 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from loaders.base import LoadedModel, LoadError, TensorSig
+from loaders.base import ESTIMATE_FACTOR, LoadedModel, Loader, LoadError, TensorSig
 from server.config import ModelConfig, Settings
-from server.errors import Internal, InvalidArgument, NotFound, ServerError, Unavailable
+from server.errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServerError,
+    Unavailable,
+)
+from server.eviction import POLICIES, Candidate
 from server.metrics import Metrics
 from server.repository import Repository
 from server.stats import ModelStats
@@ -41,6 +50,12 @@ class Servable:
     inline: bool  # run on the event loop: measured faster than a thread hop
     run_us: float  # measured time of one warm batch-1 run
     stats: ModelStats = field(default_factory=ModelStats)
+    pinned: bool = False  # never evicted (config parameter "pinned")
+    size_bytes: int = 0  # what it counts against the budget: measured, else estimated
+    size_measured: int | None = None  # resident memory growth around the load, when reliable
+    size_estimated: int = 0  # the loader's guess before loading
+    load_seconds: float = 0.0
+    last_used: int = 0  # the cache's use counter at its last lease (for eviction)
     leases: int = 0  # requests using it now
     draining: bool = False  # no new leases; `idle` is set when the last one is released
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -93,6 +108,16 @@ class ModelCache:
         self._load_pool = load_pool
         self._inline_run_us = inline_run_us
         self._slots: dict[ModelId, Slot] = {}
+        self._policy = POLICIES[settings.eviction_policy]
+        self._budget_bytes = settings.max_loaded_bytes  # 0 = no limit
+        self._budget_models = settings.max_loaded_models  # 0 = no limit
+        self.used_bytes = 0  # sizes of the loaded versions
+        self._reserved_bytes = 0  # estimates of the loads in flight
+        self.loaded_count = 0
+        self._loading = 0
+        self._uses = 0  # use counter: the LRU clock
+        self.hits = 0  # requests that found their version loaded
+        self.misses = 0  # requests that had to wait for a load
 
     # -- request path -------------------------------------------------------------
 
@@ -103,16 +128,22 @@ class ModelCache:
             return None
         servable = slot.servable
         servable.leases += 1  # type: ignore[union-attr]
+        self._uses += 1
+        servable.last_used = self._uses  # type: ignore[union-attr]
+        self.hits += 1
         return servable
 
     async def acquire(self, model_id: ModelId) -> Servable:
         """A leased, READY servable; loads it first if needed. Pair with `release`."""
+        self.misses += 1
         await self.load(model_id, reload=False)
         slot = self._slots[model_id]
         if slot.state is not ModelState.READY:
             raise Unavailable(f"model {model_id} is {slot.state.value.lower()}")
         servable = slot.servable
         servable.leases += 1  # type: ignore[union-attr]
+        self._uses += 1
+        servable.last_used = self._uses  # type: ignore[union-attr]
         return servable  # type: ignore[return-value]
 
     def release(self, servable: Servable) -> None:
@@ -180,15 +211,21 @@ class ModelCache:
         finally:
             slot.loading = None
         slot.state, slot.servable, slot.reason, slot.failures = ModelState.READY, servable, "", 0
+        self._uses += 1
+        servable.last_used = self._uses
+        self.used_bytes += servable.size_bytes
+        self.loaded_count += 1
+        self._publish_usage()
         elapsed = time.perf_counter() - started
         self._metrics.loads.inc()
         self._metrics.load_seconds.observe(elapsed)
-        if old is None:
-            self._metrics.loaded_models.inc()
-        else:
+        log.info(
+            "loaded %s in %.3fs: %s bytes (measured %s, estimated %s), run %.0fus %s",
+            model_id, elapsed, servable.size_bytes, servable.size_measured,
+            servable.size_estimated, servable.run_us, "inline" if servable.inline else "in pool",
+        )  # fmt: skip
+        if old is not None:
             await self._drain_and_free(old)
-        mode = "inline" if servable.inline else "run pool"
-        log.info("loaded %s in %.3fs (run %.0fus, %s)", model_id, elapsed, servable.run_us, mode)
         return servable
 
     async def _load(self, model_id: ModelId) -> Servable:
@@ -201,16 +238,100 @@ class ModelCache:
         loader = self._repository.loader(model_id, config, self._settings)
         loop = asyncio.get_running_loop()
         try:
-            model = await loop.run_in_executor(self._load_pool, loader.load)
-        except LoadError as exc:
-            raise Unavailable(f"model {model_id} failed to load: {exc}") from None
+            estimate = await loop.run_in_executor(self._load_pool, loader.estimate_bytes)
+        except OSError as exc:
+            raise Unavailable(f"model {model_id}: cannot read its model file: {exc}") from None
+        victims = self._make_room(model_id, estimate)  # reserves `estimate` until the load ends
         try:
-            return await loop.run_in_executor(
-                self._load_pool, self._prepare, model_id, config, model
+            for victim in victims:
+                await loop.run_in_executor(self._load_pool, victim.model.unload)
+            try:
+                model, measured, seconds = await loop.run_in_executor(
+                    self._load_pool, self._timed_load, loader
+                )
+            except LoadError as exc:
+                raise Unavailable(f"model {model_id} failed to load: {exc}") from None
+            try:
+                servable = await loop.run_in_executor(
+                    self._load_pool, self._prepare, model_id, config, model
+                )
+            except ServerError:
+                await loop.run_in_executor(self._load_pool, model.unload)
+                raise
+        finally:
+            self._reserved_bytes -= estimate
+            self._loading -= 1
+        servable.size_estimated, servable.size_measured = estimate, measured
+        # resident growth can hide in memory the allocator reuses: never count less than
+        # the weights on disk
+        on_disk = estimate // ESTIMATE_FACTOR
+        servable.size_bytes = estimate if measured is None else max(measured, on_disk)
+        servable.load_seconds = seconds
+        return servable
+
+    def _timed_load(self, loader: Loader) -> tuple[LoadedModel, int | None, float]:
+        """Load, timing it and measuring resident memory growth when no other load runs."""
+        alone = self._loading == 1
+        before = _resident_bytes()
+        started = time.perf_counter()
+        model = loader.load()
+        seconds = time.perf_counter() - started
+        after = _resident_bytes()
+        measured = after - before if alone and before and after >= before else None
+        return model, measured, seconds
+
+    def _make_room(self, model_id: ModelId, estimate: int) -> list[Servable]:
+        """Pick and detach the versions to evict for a load of `estimate` bytes, or refuse.
+
+        Synchronous, so no other load can pick the same victims or the same room; the
+        caller unloads the returned victims and releases the reservation when done.
+        """
+        budget, max_models = self._budget_bytes, self._budget_models
+        if budget and estimate > budget:
+            raise ResourceExhausted(
+                f"model {model_id} needs about {estimate} bytes, more than the whole memory "
+                f"budget of {budget} bytes"
             )
-        except ServerError:
-            await loop.run_in_executor(self._load_pool, model.unload)
-            raise
+        need_bytes = self.used_bytes + self._reserved_bytes + estimate - budget if budget else 0
+        need_models = self.loaded_count + self._loading + 1 - max_models if max_models else 0
+        victims: list[Servable] = []
+        if need_bytes > 0 or need_models > 0:
+            idle = [
+                slot.servable
+                for slot in self._slots.values()
+                if slot.state is ModelState.READY
+                and slot.servable is not None
+                and slot.servable.leases == 0
+                and not slot.servable.pinned
+            ]
+            by_id = {s.id: s for s in idle}
+            candidates = [Candidate(s.id, s.size_bytes, s.last_used, s.load_seconds) for s in idle]
+            chosen = [by_id[i] for i in self._policy(candidates, need_bytes, need_models)]
+            if sum(s.size_bytes for s in chosen) < need_bytes or len(chosen) < need_models:
+                raise Unavailable(
+                    f"no room to load model {model_id}: the memory budget is held by models "
+                    "in use or pinned",
+                    retry_after=1,
+                )
+            victims = [self._detach(s) for s in chosen]
+        self._reserved_bytes += estimate
+        self._loading += 1
+        return victims
+
+    def _detach(self, servable: Servable) -> Servable:
+        """Evict an idle version from the books at once; the caller frees its memory."""
+        slot = self._slots[servable.id]
+        slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, "evicted"
+        self.used_bytes -= servable.size_bytes
+        self.loaded_count -= 1
+        self._metrics.evictions.inc()
+        self._publish_usage()
+        log.info("evicting %s (%d bytes, idle)", servable.id, servable.size_bytes)
+        return servable
+
+    def _publish_usage(self) -> None:
+        self._metrics.loaded_models.set(self.loaded_count)
+        self._metrics.loaded_bytes.set(self.used_bytes)
 
     def _prepare(self, model_id: ModelId, config: ModelConfig, model: LoadedModel) -> Servable:
         """Check the config against the model, complete it, and time one warm run."""
@@ -231,6 +352,7 @@ class ModelCache:
             outputs=full_out,
             inline=run_us is not None and run_us < self._inline_run_us,
             run_us=run_us if run_us is not None else float("nan"),
+            pinned=config.parameters.get("pinned", "").lower() == "true",
         )
 
     async def unload(self, model_id: ModelId) -> None:
@@ -243,8 +365,7 @@ class ModelCache:
         try:
             await self._drain_and_free(servable)
         finally:
-            slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, ""
-            self._metrics.loaded_models.dec()
+            slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, "unloaded"
 
     async def _drain_and_free(self, servable: Servable) -> None:
         servable.draining = True
@@ -255,6 +376,9 @@ class ModelCache:
                 log.warning(
                     "freeing %s with %d requests still running", servable.id, servable.leases
                 )
+        self.used_bytes -= servable.size_bytes
+        self.loaded_count -= 1
+        self._publish_usage()
         await asyncio.get_running_loop().run_in_executor(self._load_pool, servable.model.unload)
 
     async def close(self) -> None:
@@ -266,6 +390,18 @@ class ModelCache:
         for model_id, slot in list(self._slots.items()):
             if slot.state is ModelState.READY:
                 await self.unload(model_id)
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _spec(sig: TensorSig) -> TensorSpec:

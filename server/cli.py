@@ -13,6 +13,7 @@ from pathlib import Path
 import uvloop
 
 from server.config import Settings
+from server.eviction import POLICIES
 
 log = logging.getLogger("fleetserve")
 
@@ -55,6 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--default-max-batch-size", type=int, default=d.default_max_batch_size,
         help="max_batch_size for models without config.pbtxt that can batch",
     )  # fmt: skip
+    serve.add_argument(
+        "--max-loaded-bytes", type=parse_size, default=d.max_loaded_bytes,
+        help="memory budget for loaded models, e.g. 4GiB (default: no limit)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-loaded-models", type=int, default=d.max_loaded_models,
+        help="most model versions loaded at once (default: no limit)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--eviction-policy", choices=sorted(POLICIES), default=d.eviction_policy,
+        help="which idle models make room: lru (default) or cost (reload cost per byte)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--preload", action="store_true",
+        help="load every servable version at startup (default: on first use)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--repository-poll-secs", type=float, default=d.repository_poll_s,
+        help="rescan the model repository this often (default 0: on index/load calls only)",
+    )  # fmt: skip
     serve.add_argument("--run-threads", type=int, default=d.run_threads, help="model run pool size")
     serve.add_argument("--load-threads", type=int, default=d.load_threads, help="parallel loads")
     serve.add_argument(
@@ -82,6 +103,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         metrics_port=args.metrics_port,
         max_request_bytes=args.max_request_size,
         default_max_batch_size=args.default_max_batch_size,
+        max_loaded_bytes=args.max_loaded_bytes,
+        max_loaded_models=args.max_loaded_models,
+        eviction_policy=args.eviction_policy,
+        preload=args.preload,
+        repository_poll_s=args.repository_poll_secs,
         run_threads=args.run_threads,
         load_threads=args.load_threads,
         intra_op_threads=args.intra_op_threads,

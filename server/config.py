@@ -45,6 +45,11 @@ class Settings:
     intra_op_threads: int = 1
     shutdown_timeout_s: float = 30.0
     metrics_max_models: int = 100  # models with their own metric labels; the rest are "other"
+    max_loaded_bytes: int = 0  # memory budget for loaded models; 0 = no limit
+    max_loaded_models: int = 0  # 0 = no limit
+    eviction_policy: str = "lru"  # lru | cost (server/eviction.py)
+    preload: bool = False  # load every servable version at startup instead of on first use
+    repository_poll_s: float = 0.0  # rescan the repository this often; 0 = only when asked
     log_level: str = "INFO"
 
 

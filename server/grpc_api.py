@@ -83,12 +83,12 @@ class GrpcApi:
 
     @rpc
     async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
-        doc = self._service.model_metadata(request.name, request.version or None)
+        doc = await self._service.model_metadata(request.name, request.version or None)
         return from_json(doc, pb.ModelMetadataResponse())
 
     @rpc
     async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
-        doc = self._service.model_config(request.name, request.version or None)
+        doc = await self._service.model_config(request.name, request.version or None)
         return pb.ModelConfigResponse(config=from_json(doc, mc.ModelConfig()))
 
     @rpc

@@ -18,8 +18,10 @@ from server.errors import Internal, InvalidArgument, NotFound, ServerError, Unav
 from server.metrics import OTHER, Metrics
 from server.repository import Repository
 from server.router import Router
+from server.stats import ModelStats
 from server.types import InferRequest, InferResponse, ModelState, RequestedOutput
 
+SERVABLE_STATES = frozenset({ModelState.UNLOADED, ModelState.LOADING, ModelState.READY})
 SERVER_NAME = "fleetserve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = (
@@ -99,24 +101,29 @@ class InferenceService:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
 
     def model_ready(self, name: str, version: str | None) -> bool:
-        """True when the version a request would reach is loaded and serving."""
+        """Ready = servable: within the version policy, and loaded or loadable.
+
+        Models load on first use, so an unloaded version is ready unless its last load
+        failed (or it is unloading). A failed version turns ready again when a retry
+        or an explicit load succeeds.
+        """
         try:
             model_id = self._router.resolve(name, version)
         except ServerError:
             return False
-        return self._cache.state(model_id)[0] is ModelState.READY
+        return self._cache.state(model_id)[0] in SERVABLE_STATES
 
-    def _servable(self, name: str, version: str | None) -> Servable:
+    async def _servable(self, name: str, version: str | None) -> Servable:
+        """The loaded version (loading it first if needed), without keeping a lease."""
         model_id = self._router.resolve(name, version)
         servable = self._cache.servable(model_id)
         if servable is None:
-            state, reason = self._cache.state(model_id)
-            detail = f": {reason}" if reason else ""
-            raise Unavailable(f"model {model_id} is {state.value.lower()}{detail}")
+            servable = await self._cache.acquire(model_id)
+            self._cache.release(servable)
         return servable
 
-    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
-        s = self._servable(name, version)
+    async def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        s = await self._servable(name, version)
         entry = self._repository.entry(name)
         return {
             "name": name,
@@ -126,27 +133,34 @@ class InferenceService:
             "outputs": [_tensor(t) for t in s.outputs.values()],
         }
 
-    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+    async def model_config(self, name: str, version: str | None) -> dict[str, Any]:
         """Triton's ModelConfig as JSON (field names of model_config.proto)."""
-        return dict(self._servable(name, version).config.source)
+        return dict((await self._servable(name, version)).config.source)
 
     def model_statistics(self, name: str = "", version: str | None = None) -> dict[str, Any]:
-        if name:
-            servables = [self._servable(name, version)]
-        elif version:
-            raise InvalidArgument("statistics for a version need a model name")
-        else:
+        """Statistics of loaded versions; a named version that is not loaded has zeros."""
+        if not name:
+            if version:
+                raise InvalidArgument("statistics for a version need a model name")
             servables = sorted(self._cache.loaded(), key=lambda s: (s.id.name, s.id.version))
-        return {
-            "model_stats": [
-                s.stats.to_dict(s.id.name, s.version, s.model.size_bytes) for s in servables
-            ]
-        }
+            return {"model_stats": [_stats(s) for s in servables]}
+        model_id = self._router.resolve(name, version)
+        servable = self._cache.servable(model_id)
+        if servable is None:
+            state, reason = self._cache.state(model_id)
+            if state is ModelState.FAILED:
+                raise Unavailable(reason)
+            return {"model_stats": [ModelStats().to_dict(name, str(model_id.version), 0)]}
+        return {"model_stats": [_stats(servable)]}
 
     def check_model(self, name: str) -> None:
         """NotFound unless the repository has this model (for endpoints that only name one)."""
         if name not in self._repository.names:
             raise NotFound(f"unknown model {name[:140]!r}")
+
+
+def _stats(s: Servable) -> dict[str, Any]:
+    return s.stats.to_dict(s.id.name, s.version, s.size_bytes)
 
 
 def _tensor(spec: Any) -> dict[str, Any]:

@@ -94,6 +94,14 @@ class Metrics:
         self.loaded_models = Gauge(
             "fleetserve_loaded_models", "Model versions loaded now", registry=r
         )
+        self.loaded_bytes = Gauge(
+            "fleetserve_loaded_bytes",
+            "Memory counted against the budget by the loaded versions",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "fleetserve_model_evictions", "Idle versions unloaded to make room", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

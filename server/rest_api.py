@@ -183,7 +183,7 @@ class RestApi:
     async def model_metadata(
         self, request: web.BaseRequest, name: str, version: str | None
     ) -> web.Response:
-        return json_response(self._service.model_metadata(name, version))
+        return json_response(await self._service.model_metadata(name, version))
 
     @endpoint
     async def model_ready(
@@ -196,7 +196,7 @@ class RestApi:
     async def model_config(
         self, request: web.BaseRequest, name: str, version: str | None
     ) -> web.Response:
-        return json_response(self._service.model_config(name, version))
+        return json_response(await self._service.model_config(name, version))
 
     @endpoint
     async def statistics(

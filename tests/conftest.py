@@ -134,6 +134,7 @@ def test_settings(repo: Path, **overrides: object) -> Settings:
         metrics_port=0,
         max_request_bytes=1024 * 1024,
         shutdown_timeout_s=10,
+        preload=True,
     )
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]

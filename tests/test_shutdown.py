@@ -195,11 +195,18 @@ def wait_until_running(pid: int, baseline: dict[int, float], pending: Future) ->
 
 
 def connection_refused(port: int) -> bool:
+    """True if a connect is refused: nothing listens on `port` any more.
+
+    A connect that races the listener's close can be accepted into its backlog and then
+    reset as the listener closes (ECONNRESET): not a refusal yet, so it is probed again.
+    """
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2):
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
 
 
 def wait_refused(port: int, timeout: float = 10) -> None:
