@@ -1,8 +1,9 @@
 """Composition root and lifecycle: the only place that builds concrete objects.
 
-Start order: pools, core, listeners (live at once, ready once startup loads finish).
-Stop order is the reverse, each step bounded by the shutdown timeout: stop
-accepting, let in-flight requests finish, unload models, shut the pools down.
+Start order: pools, core, listeners (live at once, ready once startup loads finish),
+then the repository poll when asked for. Stop order is the reverse, each step bounded
+by the shutdown timeout: stop polling, stop accepting, let in-flight requests finish,
+unload models, shut the pools down.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from aiohttp import web
 
+from server.admin import AdminService
 from server.cache import ModelCache
 from server.config import Settings
 from server.errors import ServerError
@@ -52,8 +54,13 @@ class App:
         self.router = Router(self.repository)
         self.load_pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="load")
         self.run_pool = ThreadPoolExecutor(settings.run_threads, thread_name_prefix="run")
+        # repository rescans (directory listings, config reads): one at a time, in order,
+        # and never queued behind a slow model load
+        self.repository_pool = ThreadPoolExecutor(1, thread_name_prefix="repository")
         self.cache: ModelCache | None = None
         self.service: InferenceService | None = None
+        self.admin: AdminService | None = None
+        self._poll: asyncio.Task[None] | None = None
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._runners: list[web.BaseRunner] = []
         self._grpc: grpc.aio.Server | None = None
@@ -68,11 +75,12 @@ class App:
         self.service = InferenceService(
             self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us
         )
+        self.admin = AdminService(self.repository, self.cache, self.repository_pool)
         names = self.repository.scan()
         log.info("model repository %s: %d models", s.model_repository, len(names))
 
         timeout = s.shutdown_timeout_s
-        rest = RestApi(self.service, s.max_request_bytes)
+        rest = RestApi(self.service, s.max_request_bytes, self.admin)
         rest_runner = web.ServerRunner(rest.server(access_log=None), shutdown_timeout=timeout)
         self.http_port = await self._serve_http(rest_runner, s.http_port)
         if s.metrics_port >= 0:
@@ -88,12 +96,14 @@ class App:
                     ("grpc.so_reuseport", 0),
                 ]
             )
-            self._grpc.add_generic_rpc_handlers(GrpcApi(self.service).handlers())
+            self._grpc.add_generic_rpc_handlers(GrpcApi(self.service, self.admin).handlers())
             self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
             await self._grpc.start()
 
         if s.preload:
             await self._load_all(names)
+        if s.repository_poll_s > 0:
+            self._poll = asyncio.create_task(self.admin.poll(s.repository_poll_s))
         self.service.ready = True
         log.info(
             "fleetserve ready: http %s:%d grpc %s:%d metrics %s:%d",
@@ -130,6 +140,9 @@ class App:
         timeout = self.settings.shutdown_timeout_s
         if self.service is not None:
             self.service.ready = False
+        if self._poll is not None:
+            self._poll.cancel()
+            await asyncio.gather(self._poll, return_exceptions=True)
         tasks = [runner.cleanup() for runner in self._runners]
         if self._grpc is not None:
             tasks.append(self._grpc.stop(grace=timeout))
@@ -138,6 +151,7 @@ class App:
             await self.cache.close()
         self.run_pool.shutdown(wait=True, cancel_futures=True)
         self.load_pool.shutdown(wait=True, cancel_futures=True)
+        self.repository_pool.shutdown(wait=True, cancel_futures=True)
         log.info("fleetserve stopped")
 
 

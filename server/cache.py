@@ -165,6 +165,16 @@ class ModelCache:
     def loaded(self) -> list[Servable]:
         return [s.servable for s in self._slots.values() if s.servable is not None]
 
+    def states(self) -> dict[ModelId, tuple[ModelState, str]]:
+        """Every version the cache has seen (loaded, loading, failed, unloaded): a snapshot."""
+        return {model_id: (slot.state, slot.reason) for model_id, slot in self._slots.items()}
+
+    async def settle(self, model_id: ModelId) -> None:
+        """Wait for a load of this version in flight, if any (its outcome is ignored)."""
+        slot = self._slots.get(model_id)
+        if slot is not None and slot.loading is not None:
+            await asyncio.gather(asyncio.shield(slot.loading), return_exceptions=True)
+
     # -- loading ------------------------------------------------------------------
 
     async def load(self, model_id: ModelId, *, reload: bool = True) -> Servable:
@@ -199,7 +209,7 @@ class ModelCache:
             if not isinstance(exc, ServerError):
                 log.exception("unexpected error loading %s", model_id)
                 exc = Internal(f"{type(error).__name__}: {error}")
-            if not isinstance(exc, NotFound | Unavailable):
+            if not isinstance(exc, NotFound | Unavailable | ResourceExhausted):
                 exc = Unavailable(f"model {model_id} failed to load: {exc.message}")
             slot.failures += 1
             slot.retry_at = time.monotonic() + min(MAX_RETRY_BACKOFF_S, 2.0 ** (slot.failures - 1))
@@ -303,6 +313,7 @@ class ModelCache:
                 and slot.servable is not None
                 and slot.servable.leases == 0
                 and not slot.servable.pinned
+                and slot.loading is None  # not a version being reloaded (its old copy)
             ]
             by_id = {s.id: s for s in idle}
             candidates = [Candidate(s.id, s.size_bytes, s.last_used, s.load_seconds) for s in idle]

@@ -54,6 +54,10 @@ class ResourceExhausted(ServerError):
     kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
+class Unauthenticated(ServerError):
+    kind = ErrorKind.UNAUTHENTICATED
+
+
 class Unimplemented(ServerError):
     kind = ErrorKind.UNIMPLEMENTED
 

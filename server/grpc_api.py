@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,7 +19,8 @@ import grpc
 from protos import grpc_service_pb2 as pb
 from protos import health_pb2
 from protos import model_config_pb2 as mc
-from server.errors import ErrorKind, Internal, ServerError, Unimplemented
+from server.admin import AdminService, authorize
+from server.errors import ErrorKind, Internal, InvalidArgument, ServerError, Unimplemented
 from server.inference import InferenceService
 from server.proto_codec import decode_infer, encode_infer, from_json
 
@@ -58,9 +60,22 @@ def rpc(fn: Rpc) -> Rpc:
     return wrapper
 
 
+def peer_address(peer: str) -> str | None:
+    """The IP address in a grpc peer string: "ipv4:127.0.0.1:5000" -> "127.0.0.1",
+    "ipv6:[::1]:5000" (or its %-encoded form) -> "::1"; None for anything else."""
+    kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or None
+    if kind == "ipv6" and rest.startswith("[") and "]" in rest:
+        return rest[1 : rest.index("]")] or None
+    return None
+
+
 class GrpcApi:
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, admin: AdminService | None = None) -> None:
         self._service = service
+        self._admin = admin  # None: the repository RPCs answer UNIMPLEMENTED
 
     @rpc
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
@@ -125,6 +140,38 @@ class GrpcApi:
                 log.exception("unhandled error in ModelStreamInfer")
                 yield pb.ModelStreamInferResponse(error_message=Internal("internal error").message)
 
+    # -- model repository extension (repository control: loopback-only for now) --------
+
+    def _authorize(self, request: Any, context: Any) -> AdminService:
+        authorize(peer_address(context.peer()))
+        if request.repository_name:
+            raise InvalidArgument(
+                "fleetserve serves one model repository: leave repository_name empty"
+            )
+        assert self._admin is not None
+        return self._admin
+
+    @rpc
+    async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
+        rows = await self._authorize(request, context).index(request.ready)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[index(**row) for row in rows])
+
+    @rpc
+    async def RepositoryModelLoad(
+        self, request: Any, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await self._authorize(request, context).load(request.model_name, request.parameters)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(
+        self, request: Any, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        # "unload_dependents" is accepted and ignored: there are no ensembles
+        await self._authorize(request, context).unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
     @rpc
     async def unimplemented(self, request: Any, context: Any) -> Any:
         raise Unimplemented("this extension is not supported by fleetserve")
@@ -167,7 +214,12 @@ class GrpcApi:
                 response_serializer=pb.ModelStreamInferResponse.SerializeToString,
             ),
         }
-        for name in UNSUPPORTED:
+        if self._admin is not None:
+            for name in REPOSITORY:
+                request_type = getattr(pb, f"{name}Request")
+                response_type = getattr(pb, f"{name}Response")
+                methods[name] = method(getattr(self, name), request_type, response_type)
+        for name in UNSUPPORTED + (() if self._admin is not None else REPOSITORY):
             request_type = getattr(pb, f"{name}Request")
             methods[name] = method(self.unimplemented, request_type, getattr(pb, f"{name}Response"))
         health = {
@@ -181,10 +233,8 @@ class GrpcApi:
         ]
 
 
+REPOSITORY = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
 UNSUPPORTED = (
-    "RepositoryIndex",
-    "RepositoryModelLoad",
-    "RepositoryModelUnload",
     "SystemSharedMemoryStatus",
     "SystemSharedMemoryRegister",
     "SystemSharedMemoryUnregister",

@@ -27,6 +27,8 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = (
     "binary_tensor_data",
     "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
     "statistics",
 )
 

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from server.admin import AdminService, authorize
 from server.errors import ErrorKind, Internal, InvalidArgument, ServerError
 from server.inference import InferenceService
 from server.json_codec import decode_request, encode_response, error_body
@@ -47,6 +48,9 @@ STATUS = {
 MODEL_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z]+))?"
 )
+
+# /v2/repository/models/{name}/{load|unload} (Triton's model repository extension)
+REPOSITORY_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>[a-z]+)")
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
 
@@ -83,8 +87,14 @@ def json_response(doc: object) -> web.Response:
 
 
 class RestApi:
-    def __init__(self, service: InferenceService, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        max_request_bytes: int,
+        admin: AdminService | None = None,  # None: no repository routes
+    ) -> None:
         self._service = service
+        self._admin = admin
         self._max_bytes = max_request_bytes
         # (method, path) -> handler, for the paths without parameters
         self._fixed: dict[tuple[str, str], Handler] = {
@@ -102,6 +112,14 @@ class RestApi:
             ("GET", "config"): self.model_config,
             ("GET", "stats"): self.statistics,
         }
+        # (method, action) -> handler, for /v2/repository/models/{name}/{action}
+        self._repository: dict[tuple[str, str], Handler] = {}
+        if admin is not None:
+            self._fixed[("POST", "/v2/repository/index")] = self.repository_index
+            self._repository = {
+                ("POST", "load"): self.repository_load,
+                ("POST", "unload"): self.repository_unload,
+            }
 
     def server(self, **kwargs: object) -> web.Server:
         """The low-level aiohttp server for these routes (kwargs go to aiohttp)."""
@@ -125,6 +143,11 @@ class RestApi:
             handler = self._fixed.get((method, path))
             if handler is not None:
                 return await handler(request, None, None)
+            match = REPOSITORY_PATH.fullmatch(path)
+            if match is not None:
+                handler = self._repository.get((method, match["action"]))
+                if handler is not None:
+                    return await handler(request, match["name"], None)
         return web.Response(
             status=404, body=error_body(f"no route {method} {path[:200]}"), content_type=JSON
         )
@@ -203,6 +226,55 @@ class RestApi:
         self, request: web.BaseRequest, name: str | None, version: str | None
     ) -> web.Response:
         return json_response(self._service.model_statistics(name or "", version))
+
+    # -- model repository extension (repository control: loopback-only for now) --------
+
+    @endpoint
+    async def repository_index(self, request: web.BaseRequest, *_: str | None) -> web.Response:
+        authorize(request.remote)
+        ready = (await self._json_body(request)).get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgument('"ready" must be a boolean')
+        return json_response(await self._admin.index(ready))  # type: ignore[union-attr]
+
+    @endpoint
+    async def repository_load(
+        self, request: web.BaseRequest, name: str, *_: str | None
+    ) -> web.Response:
+        authorize(request.remote)
+        parameters = (await self._json_body(request)).get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidArgument('"parameters" must be an object')
+        await self._admin.load(name, parameters.keys())  # type: ignore[union-attr]
+        return web.Response(status=200)
+
+    @endpoint
+    async def repository_unload(
+        self, request: web.BaseRequest, name: str, *_: str | None
+    ) -> web.Response:
+        # {"parameters": {"unload_dependents": bool}} is accepted and ignored: no ensembles
+        authorize(request.remote)
+        await self._json_body(request)
+        await self._admin.unload(name)  # type: ignore[union-attr]
+        return web.Response(status=200)
+
+    async def _json_body(self, request: web.BaseRequest) -> dict:
+        """The request's JSON object; {} for an empty body."""
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise InvalidArgument(
+                f"request body exceeds the limit of {self._max_bytes} bytes"
+            ) from None
+        if not body.strip():
+            return {}
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidArgument(f"malformed JSON body: {exc}") from None
+        if not isinstance(doc, dict):
+            raise InvalidArgument("the request body must be a JSON object")
+        return doc
 
 
 def metrics_app(render: Callable[[], bytes]) -> web.Application:

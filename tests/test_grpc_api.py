@@ -507,7 +507,13 @@ def test_server_metadata(channel: grpc.Channel) -> None:
     meta = call(channel, "ServerMetadata", pb.ServerMetadataRequest(), pb.ServerMetadataResponse)
     assert meta.name == "fleetserve"
     assert meta.version == "0.1.0"
-    assert list(meta.extensions) == ["binary_tensor_data", "model_configuration", "statistics"]
+    assert list(meta.extensions) == [
+        "binary_tensor_data",
+        "model_configuration",
+        "model_repository",
+        "model_repository(unload_dependents)",
+        "statistics",
+    ]
 
 
 def test_model_metadata_of_simple(channel: grpc.Channel) -> None:
@@ -659,7 +665,7 @@ def test_health_check_of_unknown_service_is_not_found(channel: grpc.Channel) -> 
 
 
 @pytest.mark.parametrize(
-    "method", ["RepositoryIndex", "RepositoryModelLoad", "SystemSharedMemoryStatus", "LogSettings"]
+    "method", ["CudaSharedMemoryStatus", "TraceSetting", "SystemSharedMemoryStatus", "LogSettings"]
 )
 def test_unsupported_extension_is_unimplemented(channel: grpc.Channel, method: str) -> None:
     request = getattr(pb, f"{method}Request")()

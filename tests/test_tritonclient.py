@@ -404,7 +404,7 @@ def test_async_infer_delivers_the_result(triton: Triton, repo: Path) -> None:
 
 def test_unsupported_extensions_raise_inference_server_exception(triton: Triton) -> None:
     for call in (
-        triton.client.get_model_repository_index,
+        triton.client.get_cuda_shared_memory_status,
         triton.client.get_system_shared_memory_status,
     ):
         error = error_of(call)
