@@ -71,7 +71,15 @@ class App:
         if inline_us is None:
             inline_us = await measure_thread_hop_us(self.run_pool)
         log.info("thread hop %.1fus: models faster than that run on the event loop", inline_us)
-        self.cache = ModelCache(self.repository, s, self.metrics, self.load_pool, inline_us)
+        self.cache = cache = ModelCache(self.repository, s, self.metrics, self.load_pool, inline_us)
+        self.metrics.count_from(
+            "fleetserve_model_cache_hits", "Requests whose model was loaded", lambda: cache.hits
+        )
+        self.metrics.count_from(
+            "fleetserve_model_cache_misses",
+            "Requests that waited for their model to load (cold starts)",
+            lambda: cache.misses,
+        )
         self.service = InferenceService(
             self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us
         )

@@ -12,7 +12,7 @@ cannot blow up the scrape.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -76,6 +76,16 @@ class RequestMetrics(Collector):
         yield latency
 
 
+class CallbackCounter(Collector):
+    """A counter whose value lives elsewhere as a plain int (read at scrape time)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
+
+
 class Metrics:
     def __init__(self, max_models: int = 100) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -102,6 +112,10 @@ class Metrics:
         self.evictions = Counter(
             "fleetserve_model_evictions", "Idle versions unloaded to make room", registry=r
         )
+
+    def count_from(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """Export a counter kept as a plain int on the hot path (no lock, no label lookup)."""
+        self.registry.register(CallbackCounter(name, documentation, read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
