@@ -88,6 +88,12 @@ class Loader(abc.ABC):
         self.path = path
         self.options = options or LoadOptions()
 
+    @classmethod
+    def warm_up(cls) -> None:
+        """Pay the runtime's one-time start-up cost now (called once, off the loop, at
+        server start), so it is not measured as part of the first model's size."""
+        return None  # most runtimes have nothing to start
+
     def estimate_bytes(self) -> int:
         """An upper-bound guess of the loaded size, before loading (weights times 2)."""
         return ESTIMATE_FACTOR * self.path.stat().st_size

@@ -16,6 +16,13 @@ LOADERS: dict[str, str] = {
 DEFAULT_FILENAMES: dict[str, str] = {"onnxruntime_onnx": "model.onnx", "onnxruntime": "model.onnx"}
 
 
+def warm_up_all() -> None:
+    """Start every registered runtime once (see Loader.warm_up)."""
+    for path in set(LOADERS.values()):
+        module_name, _, class_name = path.partition(":")
+        getattr(importlib.import_module(module_name), class_name).warm_up()
+
+
 def loader_class(kind: str) -> type[Loader]:
     """The Loader class for a platform or backend name; KeyError when unknown."""
     module_name, _, class_name = LOADERS[kind].partition(":")

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from aiohttp import web
 
+from loaders.registry import warm_up_all
 from server.admin import AdminService
 from server.cache import ModelCache
 from server.config import Settings
@@ -84,6 +85,8 @@ class App:
             self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us
         )
         self.admin = AdminService(self.repository, self.cache, self.repository_pool)
+        # runtimes' one-time start-up, so it is not counted as the first model's size
+        await asyncio.get_running_loop().run_in_executor(self.load_pool, warm_up_all)
         names = self.repository.scan()
         log.info("model repository %s: %d models", s.model_repository, len(names))
 

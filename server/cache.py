@@ -85,6 +85,12 @@ class Slot:
     loading: asyncio.Task[Servable] | None = None
     failures: int = 0  # consecutive failed loads
     retry_at: float = 0.0  # monotonic time before which a request does not retry a failed load
+    error: ServerError | None = None  # the last failed load's error, re-raised until retry_at
+    waiters: int = 0  # callers awaiting `loading`: the new copy is theirs, not evictable yet
+
+
+class NoRoom(Unavailable):
+    """The budget is full of models in use: try again shortly (not a failed load)."""
 
 
 # a failed load is retried by requests after 1, 2, 4 ... up to 60 s
@@ -192,10 +198,17 @@ class ModelCache:
             if slot.state is ModelState.DRAINING:
                 raise Unavailable(f"model {model_id} is unloading")
             wait = slot.retry_at - time.monotonic()
-            if slot.state is ModelState.FAILED and not reload and wait > 0:
-                raise Unavailable(slot.reason, retry_after=wait)
+            if slot.state is ModelState.FAILED and not reload and wait > 0 and slot.error:
+                slot.error.retry_after = wait
+                raise slot.error
             slot.loading = asyncio.get_running_loop().create_task(self._load_slot(model_id, slot))
-        return await asyncio.shield(slot.loading)
+        # the caller leases the new copy right after this returns, with no await between:
+        # until then `waiters` keeps it out of eviction
+        slot.waiters += 1
+        try:
+            return await asyncio.shield(slot.loading)
+        finally:
+            slot.waiters -= 1
 
     async def _load_slot(self, model_id: ModelId, slot: Slot) -> Servable:
         old = slot.servable
@@ -209,8 +222,13 @@ class ModelCache:
             if not isinstance(exc, ServerError):
                 log.exception("unexpected error loading %s", model_id)
                 exc = Internal(f"{type(error).__name__}: {error}")
+            if isinstance(exc, NoRoom):  # not the model's fault: no backoff, no failure
+                if old is None:
+                    slot.state, slot.reason = ModelState.UNLOADED, exc.message
+                raise exc from None
             if not isinstance(exc, NotFound | Unavailable | ResourceExhausted):
                 exc = Unavailable(f"model {model_id} failed to load: {exc.message}")
+            slot.error = exc
             slot.failures += 1
             slot.retry_at = time.monotonic() + min(MAX_RETRY_BACKOFF_S, 2.0 ** (slot.failures - 1))
             if old is None:
@@ -226,6 +244,7 @@ class ModelCache:
         self.used_bytes += servable.size_bytes
         self.loaded_count += 1
         self._publish_usage()
+        await self._settle_budget()
         elapsed = time.perf_counter() - started
         self._metrics.loads.inc()
         self._metrics.load_seconds.observe(elapsed)
@@ -306,28 +325,44 @@ class ModelCache:
         need_models = self.loaded_count + self._loading + 1 - max_models if max_models else 0
         victims: list[Servable] = []
         if need_bytes > 0 or need_models > 0:
-            idle = [
-                slot.servable
-                for slot in self._slots.values()
-                if slot.state is ModelState.READY
-                and slot.servable is not None
-                and slot.servable.leases == 0
-                and not slot.servable.pinned
-                and slot.loading is None  # not a version being reloaded (its old copy)
-            ]
-            by_id = {s.id: s for s in idle}
-            candidates = [Candidate(s.id, s.size_bytes, s.last_used, s.load_seconds) for s in idle]
-            chosen = [by_id[i] for i in self._policy(candidates, need_bytes, need_models)]
+            chosen = self._choose_victims(need_bytes, need_models)
             if sum(s.size_bytes for s in chosen) < need_bytes or len(chosen) < need_models:
-                raise Unavailable(
+                raise NoRoom(
                     f"no room to load model {model_id}: the memory budget is held by models "
-                    "in use or pinned",
+                    "in use, pinned or loading",
                     retry_after=1,
                 )
             victims = [self._detach(s) for s in chosen]
         self._reserved_bytes += estimate
         self._loading += 1
         return victims
+
+    def _choose_victims(self, need_bytes: int, need_models: int) -> list[Servable]:
+        """What the policy would evict among the idle versions (maybe not enough)."""
+        idle = [
+            slot.servable
+            for slot in self._slots.values()
+            if slot.state is ModelState.READY
+            and slot.servable is not None
+            and slot.servable.leases == 0
+            and not slot.servable.pinned
+            and slot.loading is None  # not a version being reloaded (its old copy)
+            and slot.waiters == 0  # not a copy its waiters are about to lease
+        ]
+        by_id = {s.id: s for s in idle}
+        candidates = [Candidate(s.id, s.size_bytes, s.last_used, s.load_seconds) for s in idle]
+        return [by_id[i] for i in self._policy(candidates, need_bytes, need_models)]
+
+    async def _settle_budget(self) -> None:
+        """After a load measured more than its estimate: evict idle versions to fit again."""
+        budget, max_models = self._budget_bytes, self._budget_models
+        need_bytes = self.used_bytes + self._reserved_bytes - budget if budget else 0
+        need_models = self.loaded_count + self._loading - max_models if max_models else 0
+        if need_bytes <= 0 and need_models <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        for victim in [self._detach(s) for s in self._choose_victims(need_bytes, need_models)]:
+            await loop.run_in_executor(self._load_pool, victim.model.unload)
 
     def _detach(self, servable: Servable) -> Servable:
         """Evict an idle version from the books at once; the caller frees its memory."""

@@ -51,10 +51,12 @@ def cost_aware(candidates: Sequence[Candidate], need_bytes: int, need_models: in
     that took 20 s to load outlives a 2 KB one that reloads in a millisecond.
     """
     newest = max((c.last_used for c in candidates), default=0)
+    per_byte = need_bytes > 0  # freeing only model slots: size does not matter
 
     def value(c: Candidate) -> float:
         age = newest - c.last_used + 1
-        return c.load_seconds / max(c.size_bytes, 1) / age
+        cost = c.load_seconds / max(c.size_bytes, 1) if per_byte else c.load_seconds
+        return cost / age
 
     return _take(sorted(candidates, key=value), need_bytes, need_models)
 

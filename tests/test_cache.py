@@ -526,14 +526,6 @@ def test_model_in_use_is_never_evicted(tmp_path, serve, slow_rows_per_second):
     assert metrics(srv)["fleetserve_model_evictions_total"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/cache.py _load_slot (the except branch): a 'no room' refusal from "
-    "_make_room is recorded as a FAILED load (failures += 1, retry_at = now + 1, 2, 4 .. 60 s, "
-    "load_failures metric), so once the room is free the model still answers the cached "
-    "503 and reports not-ready (400) until the backoff ends; it should only be refused "
-    "while there is no room",
-)
 def test_no_room_refusal_is_not_remembered_as_a_failed_load(tmp_path, serve, slow_rows_per_second):
     slow_and_mlp_repo(tmp_path)
     srv = serve(tmp_path, max_loaded_models=1, max_request_bytes=64 * MiB)
@@ -625,12 +617,6 @@ def test_model_larger_than_the_budget_is_507_and_evicts_nothing(tmp_path, serve)
     assert metrics(srv)["fleetserve_model_loads_total"] == before["fleetserve_model_loads_total"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/cache.py load(): within the retry backoff a FAILED slot raises "
-    "Unavailable(slot.reason), so a second request for a model larger than the whole budget "
-    "gets 503 + Retry-After: 1 (a retry that cannot succeed) instead of 507",
-)
 def test_model_larger_than_the_budget_is_507_every_time(tmp_path, serve):
     oversize_repo(tmp_path)
     srv = serve(tmp_path, max_loaded_bytes=4_000_000)
@@ -716,15 +702,6 @@ def test_concurrent_requests_over_more_models_than_the_budget(tmp_path, serve):
     assert m["fleetserve_model_evictions_total"] >= 5, (m, outcomes)  # it did churn
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/cache.py ModelCache.acquire: after `await self.load(...)` the waiting "
-    "request resumes a few loop iterations after the load task finished; in between, "
-    "another load's _make_room can pick the fresh version (READY, 0 leases) as its victim "
-    "and _detach it, so a request whose load succeeded fails with 503 'model m3:1 is "
-    "unloaded' (or 'is loading'). The waiters should hold the version (e.g. lease it "
-    "inside the load task, or exclude versions with waiters from the candidates)",
-)
 def test_a_request_whose_model_loaded_is_not_failed_by_an_eviction(tmp_path, serve):
     names = [f"m{i}" for i in range(8)]
     mlp_models(tmp_path, names)
@@ -821,15 +798,6 @@ def test_cli_parses_the_cache_flags():
 READY_LINE = re.compile(r"fleetserve ready: http [\w.:]+:(\d+) grpc \S+ metrics [\w.:]+:(-?\d+)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/cache.py _load_slot/_load: _make_room reserves only the estimate "
-    "(2 x file), then the version is counted at its measured resident growth "
-    "(size_bytes = max(measured, file)) and used_bytes += size_bytes with no check, so "
-    "fleetserve_loaded_bytes can exceed --max-loaded-bytes until the next load evicts. "
-    "Here a 6 KB model, the first load of a fresh process, is counted at the ~10 MB "
-    "onnxruntime initialisation it happened to trigger, against a 1 MiB budget",
-)
 def test_loaded_bytes_stay_within_the_budget(tmp_path):
     testing.write_model(tmp_path, "tiny", testing.mlp(seed=1))
     budget = MiB

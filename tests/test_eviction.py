@@ -115,10 +115,10 @@ def test_policies_stop_when_enough_is_freed(
             [cand("expensive", 10 * MB, 1, 20.0), cand("tiny", 2 * KB, 2, 0.001)],
             0, 1, ["tiny"],
         ),
-        # much older: age discounts the expensive model until it goes first
+        # freeing bytes, much older: age discounts the expensive model until it goes first
         (
             [cand("expensive", 10 * MB, 1, 20.0), cand("tiny", 2 * KB, 100, 0.001)],
-            0, 1, ["expensive"],
+            1, 0, ["expensive"],
         ),
         # cannot free enough bytes: every candidate, cheapest-per-byte first
         (
@@ -140,13 +140,6 @@ def test_cost_aware_keeps_an_expensive_model_that_lru_would_evict() -> None:
     assert names(cost_aware(pool, 0, 1)) == ["cheap"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cost_aware divides the reload cost by size even when only a model COUNT must be "
-    "freed: a 2 GB model that took 20 s to load (1e-8 s/B) is evicted before a 2 KB model "
-    "that reloads in 1 ms (5e-7 s/B), although either frees the one slot needed "
-    "(server/eviction.py, cost_aware.value)",
-)
 def test_cost_aware_count_limit_keeps_the_expensive_large_model() -> None:
     pool = [cand("expensive", 2 * GB, 5, 20.0), cand("tiny", 2 * KB, 5, 0.001)]
     assert names(cost_aware(pool, 0, 1)) == ["tiny"]
