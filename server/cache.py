@@ -11,9 +11,11 @@ its model under it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -273,7 +275,7 @@ class ModelCache:
         victims = self._make_room(model_id, estimate)  # reserves `estimate` until the load ends
         try:
             for victim in victims:
-                await loop.run_in_executor(self._load_pool, victim.model.unload)
+                await loop.run_in_executor(self._load_pool, _free, victim.model)
             try:
                 model, measured, seconds = await loop.run_in_executor(
                     self._load_pool, self._timed_load, loader
@@ -285,7 +287,7 @@ class ModelCache:
                     self._load_pool, self._prepare, model_id, config, model
                 )
             except ServerError:
-                await loop.run_in_executor(self._load_pool, model.unload)
+                await loop.run_in_executor(self._load_pool, _free, model)
                 raise
         finally:
             self._reserved_bytes -= estimate
@@ -362,7 +364,7 @@ class ModelCache:
             return
         loop = asyncio.get_running_loop()
         for victim in [self._detach(s) for s in self._choose_victims(need_bytes, need_models)]:
-            await loop.run_in_executor(self._load_pool, victim.model.unload)
+            await loop.run_in_executor(self._load_pool, _free, victim.model)
 
     def _detach(self, servable: Servable) -> Servable:
         """Evict an idle version from the books at once; the caller frees its memory."""
@@ -425,7 +427,7 @@ class ModelCache:
         self.used_bytes -= servable.size_bytes
         self.loaded_count -= 1
         self._publish_usage()
-        await asyncio.get_running_loop().run_in_executor(self._load_pool, servable.model.unload)
+        await asyncio.get_running_loop().run_in_executor(self._load_pool, _free, servable.model)
 
     async def close(self) -> None:
         """Shutdown: cancel loads in flight, then unload everything."""
@@ -439,6 +441,24 @@ class ModelCache:
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_trim() -> Callable[[], object]:
+    """glibc keeps freed heap pages; malloc_trim gives them back (a no-op elsewhere)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim  # ctypes releases the GIL while it runs
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+_trim_heap = _malloc_trim()
+
+
+def _free(model: LoadedModel) -> None:
+    """Unload a model and return the memory it freed to the OS (runs in the load pool)."""
+    model.unload()
+    _trim_heap()
 
 
 def _resident_bytes() -> int:
