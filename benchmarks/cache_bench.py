@@ -53,8 +53,6 @@ import bisect
 import contextlib
 import datetime as dt
 import json
-import os
-import platform
 import re
 import shutil
 import signal
@@ -74,8 +72,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from report import git_commit, machine_info  # noqa: E402
 
 from loaders import testing  # noqa: E402
 
@@ -485,45 +486,6 @@ def part_zipf(
 
 
 # -- reporting -----------------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model, mem_kb = "unknown", 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    versions = {}
-    for module in ("onnxruntime", "aiohttp", "numpy", "uvloop"):
-        with contextlib.suppress(Exception):
-            versions[module] = __import__(module).__version__
-    return {
-        "uname": " ".join(platform.uname()),
-        "cpu_model": cpu_model,
-        "nproc": os.cpu_count(),
-        "mem_total_gib": round(mem_kb / 2**20, 1),
-        "python": sys.version.split()[0],
-        **versions,
-    }
 
 
 def print_tables(report: dict[str, Any]) -> None:

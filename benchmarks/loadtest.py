@@ -25,7 +25,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -49,6 +48,8 @@ ROOT = HERE.parent
 for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+from report import git_commit, machine_info  # noqa: E402
 
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -1019,45 +1020,6 @@ class Runner:
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model, mem_kb = "unknown", 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    u = platform.uname()
-    return {
-        "uname": " ".join([u.system, u.node, u.release, u.version, u.machine]),
-        "cpu_model": cpu_model,
-        "nproc": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)),
-        "mem_total_gib": round(mem_kb / 1024 / 1024, 1),
-        "python": sys.version.split()[0],
-    }
 
 
 def tool_versions(gens: dict[str, str]) -> dict[str, str]:
