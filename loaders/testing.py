@@ -234,28 +234,38 @@ def runtime_failure() -> bytes:
     return _finish(graph)
 
 
-def slow(dim: int = 512, depth: int = 8) -> bytes:
+def slow(dim: int = 512, depth: int = 8, out_cols: int | None = None) -> bytes:
     """FP32 model whose run time grows with the batch: ``depth`` chained [dim, dim] MatMuls.
 
     For tests that need a request still running (graceful shutdown, draining): a batch of
     B rows costs about ``2 * B * dim * dim * depth`` flops. The weight is the identity, so
     ``OUTPUT0`` equals ``INPUT0`` and results stay checkable. One shared initializer keeps
-    the file at ``dim * dim * 4`` bytes.
+    the file at ``dim * dim * 4`` bytes. With ``out_cols``, ``OUTPUT0`` is only the first
+    ``out_cols`` columns of that (``[batch, out_cols]``): the same run, a small response.
     """
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = []
     prev = "INPUT0"
     for i in range(depth):
-        out = "OUTPUT0" if i == depth - 1 else f"h{i}"
+        out = "OUTPUT0" if i == depth - 1 and out_cols is None else f"h{i}"
         nodes.append(helper.make_node("MatMul", [prev, "W"], [out], f"MatMul{i}"))
         prev = out
+    initializers = [numpy_helper.from_array(np.eye(dim, dtype=np.float32), "W")]
+    if out_cols is not None:
+        nodes.append(helper.make_node("Slice", [prev, "starts", "ends", "axes"], ["OUTPUT0"]))
+        for name, value in (("starts", 0), ("ends", out_cols), ("axes", 1)):
+            initializers.append(numpy_helper.from_array(np.array([value], np.int64), name))
     graph = helper.make_graph(
         nodes,
         "slow",
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", dim])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", dim])],
-        initializer=[numpy_helper.from_array(np.eye(dim, dtype=np.float32), "W")],
+        [
+            helper.make_tensor_value_info(
+                "OUTPUT0", TensorProto.FLOAT, ["batch", dim if out_cols is None else out_cols]
+            )
+        ],
+        initializer=initializers,
     )
     return _finish(graph)
 
