@@ -102,6 +102,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
+    stderr_closed: threading.Event = field(default_factory=threading.Event)
     ports: tuple[int, int, int] | None = None
 
     @property
@@ -118,6 +119,7 @@ class ServerProcess:
                 self.ports = (int(match[1]), int(match[2]), int(match[3]))
                 self.ready.set()
         self.ready.set()  # stderr closed: the process ended (wait_ready reports it)
+        self.stderr_closed.set()
 
     def wait_ready(self, timeout: float = 60) -> tuple[int, int, int]:
         if not self.ready.wait(timeout) or self.ports is None:
@@ -125,7 +127,15 @@ class ServerProcess:
         return self.ports
 
     def wait_exit(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
+        """The exit code, once the process has exited and its last log lines have been read.
+
+        The process can end before the reader thread has got to its last lines (a loaded
+        test process), so this also waits for stderr to reach end of file.
+        """
+        code = self.proc.wait(timeout)
+        if not self.stderr_closed.wait(timeout):
+            raise AssertionError(f"server stderr still open {timeout}s after exit:\n{self.stderr}")
+        return code
 
 
 @pytest.fixture
