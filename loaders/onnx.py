@@ -7,6 +7,11 @@ import onnxruntime as ort
 
 from loaders.base import InputError, LoadedModel, Loader, LoadError, RunError, TensorSig
 
+# onnxruntime's INVALID_ARGUMENT at run time: the data, not the model, is at fault
+_RejectedInput = getattr(
+    getattr(ort.capi, "onnxruntime_pybind11_state", None), "InvalidArgument", ()
+)
+
 # onnxruntime's type strings -> numpy
 ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(bool)": np.dtype(np.bool_),
@@ -83,6 +88,8 @@ class OnnxModel(LoadedModel):
         names = output_names or self._all_outputs
         try:
             results = self._run(names, inputs, None)
+        except _RejectedInput as exc:  # the model refused this data (an index out of range)
+            raise InputError(f"the model rejected the input: {exc}") from None
         except Exception as exc:  # onnxruntime raises its own exception types
             raise RunError(str(exc)) from None
         out = dict(zip(names, results, strict=True))

@@ -84,6 +84,7 @@ class App:
         self.service = InferenceService(
             self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us
         )
+        self.metrics.queue_depths(self.service.queue_depths)
         self.admin = AdminService(self.repository, self.cache, self.repository_pool)
         # runtimes' one-time start-up, so it is not counted as the first model's size
         await asyncio.get_running_loop().run_in_executor(self.load_pool, warm_up_all)

@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from loaders.base import ESTIMATE_FACTOR, LoadedModel, Loader, LoadError, TensorSig
-from server.config import ModelConfig, Settings
+from server.config import BatchPolicy, ModelConfig, Settings
 from server.errors import (
     Internal,
     InvalidArgument,
@@ -52,6 +53,8 @@ class Servable:
     inline: bool  # run on the event loop: measured faster than a thread hop
     run_us: float  # measured time of one warm batch-1 run
     stats: ModelStats = field(default_factory=ModelStats)
+    batching: BatchPolicy | None = None  # None: each request runs on its own
+    batcher: Any = None  # its Batcher, made by the inference core on first use
     pinned: bool = False  # never evicted (config parameter "pinned")
     size_bytes: int = 0  # what it counts against the budget: measured, else estimated
     size_measured: int | None = None  # resident memory growth around the load, when reliable
@@ -153,6 +156,10 @@ class ModelCache:
         self._uses += 1
         servable.last_used = self._uses  # type: ignore[union-attr]
         return servable  # type: ignore[return-value]
+
+    def hold(self, servable: Servable) -> None:
+        """One more lease on a servable already leased (a run that outlives its request)."""
+        servable.leases += 1
 
     def release(self, servable: Servable) -> None:
         servable.leases -= 1
@@ -385,7 +392,10 @@ class ModelCache:
         """Check the config against the model, complete it, and time one warm run."""
         inputs = [_spec(s) for s in model.inputs]
         outputs = [_spec(s) for s in model.outputs]
-        config = config.completed(inputs, outputs, self._settings.default_max_batch_size)
+        settings = self._settings
+        config = config.completed(
+            inputs, outputs, settings.default_max_batch_size, settings.dynamic_batching
+        )
         _check_against_model(model_id, "input", config.inputs, inputs, config.max_batch_size)
         _check_against_model(model_id, "output", config.outputs, outputs, config.max_batch_size)
         batch = (-1,) if config.max_batch_size > 0 else ()
@@ -401,6 +411,7 @@ class ModelCache:
             inline=run_us is not None and run_us < self._inline_run_us,
             run_us=run_us if run_us is not None else float("nan"),
             pinned=config.parameters.get("pinned", "").lower() == "true",
+            batching=config.batch_policy(settings.max_queue_size),
         )
 
     async def unload(self, model_id: ModelId) -> None:

@@ -57,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="max_batch_size for models without config.pbtxt that can batch",
     )  # fmt: skip
     serve.add_argument(
+        "--dynamic-batching", action=argparse.BooleanOptionalAction, default=d.dynamic_batching,
+        help="batch requests to models without config.pbtxt (as `dynamic_batching {}`; "
+        "models with a config batch when it says so). Default: off",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-queue-size", type=int, default=d.max_queue_size,
+        help="requests a batching model version may queue when its config sets no "
+        "max_queue_size; more are refused with 503 / UNAVAILABLE",
+    )  # fmt: skip
+    serve.add_argument(
         "--max-loaded-bytes", type=parse_size, default=d.max_loaded_bytes,
         help="memory budget for loaded models, e.g. 4GiB (default: no limit)",
     )  # fmt: skip
@@ -103,6 +113,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         metrics_port=args.metrics_port,
         max_request_bytes=args.max_request_size,
         default_max_batch_size=args.default_max_batch_size,
+        dynamic_batching=args.dynamic_batching,
+        max_queue_size=args.max_queue_size,
         max_loaded_bytes=args.max_loaded_bytes,
         max_loaded_models=args.max_loaded_models,
         eviction_policy=args.eviction_policy,

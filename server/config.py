@@ -50,6 +50,10 @@ class Settings:
     eviction_policy: str = "lru"  # lru | cost (server/eviction.py)
     preload: bool = False  # load every servable version at startup instead of on first use
     repository_poll_s: float = 0.0  # rescan the repository this often; 0 = only when asked
+    # batch models that have no config.pbtxt (Triton's auto-complete does the same)
+    dynamic_batching: bool = False
+    # requests a batching model version may queue when its config sets no max_queue_size
+    max_queue_size: int = 1024
     log_level: str = "INFO"
 
 
@@ -60,6 +64,28 @@ class VersionPolicy:
     kind: str = "latest"  # latest | all | specific
     num_versions: int = 1
     versions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How one model version batches and queues (Triton's dynamic_batching).
+
+    A batch starts as soon as an instance is free and the model is idle; while other
+    batches run, a free instance waits up to `max_delay_s` for `target_rows`.
+    """
+
+    max_batch_size: int
+    preferred: tuple[int, ...] = ()
+    max_delay_s: float = 0.0
+    max_queue_size: int = 1024  # requests waiting; a full queue rejects at once
+    timeout_s: float = 0.0  # queue timeout of a request; 0 = none
+    delay_on_timeout: bool = False  # timeout_action DELAY: a timed-out request goes last
+    allow_timeout_override: bool = True  # a request's "timeout" parameter may shorten it
+    instances: int = 1  # batches of this version that may run at once
+
+    @property
+    def target_rows(self) -> int:
+        return min(self.preferred) if self.preferred else self.max_batch_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,17 +135,26 @@ class ModelConfig:
         )
 
     def completed(
-        self, inputs: list[TensorSpec], outputs: list[TensorSpec], default_max_batch: int
+        self,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        default_max_batch: int,
+        default_batching: bool = False,
     ) -> ModelConfig:
         """This config with the model's own signature filled in where the file is silent.
 
         Specs passed in are the model's, with full shapes. Returns a config whose
         tensors carry config dims (batch dimension stripped when max_batch_size > 0).
+        A batchable model with no config at all gets `dynamic_batching {}` when
+        `default_batching` is on.
         """
         max_batch = self.max_batch_size
+        batching = self.dynamic_batching
         if not self.max_batch_size_set and not self.inputs:
             batchable = all(s.shape and s.shape[0] == -1 for s in [*inputs, *outputs])
             max_batch = default_max_batch if batchable else 0
+            if batchable and default_batching and not self.source:
+                batching = {}
         strip = 1 if max_batch > 0 else 0
         new_inputs = self.inputs or tuple(
             TensorSpec(s.name, s.datatype, s.shape[strip:]) for s in inputs
@@ -127,12 +162,48 @@ class ModelConfig:
         new_outputs = self.outputs or tuple(
             TensorSpec(s.name, s.datatype, s.shape[strip:]) for s in outputs
         )
-        done = replace(self, max_batch_size=max_batch, inputs=new_inputs, outputs=new_outputs)
+        done = replace(
+            self,
+            max_batch_size=max_batch,
+            inputs=new_inputs,
+            outputs=new_outputs,
+            dynamic_batching=batching,
+        )
         return replace(done, source=done.to_triton())
+
+    def batch_policy(self, default_queue_size: int) -> BatchPolicy | None:
+        """The batching of a completed config; None when the model does not batch.
+
+        Priority levels are accepted and ignored (one FIFO queue per version).
+        """
+        db = self.dynamic_batching
+        if db is None or self.max_batch_size == 0:
+            return None
+        name, max_batch = self.name, self.max_batch_size
+        preferred = tuple(sorted(set(db.get("preferred_batch_size", ()))))
+        if any(p < 1 or p > max_batch for p in preferred):
+            raise InvalidArgument(
+                f"model {name!r}: preferred_batch_size {list(preferred)} must lie within "
+                f"1..max_batch_size ({max_batch})"
+            )
+        queue = db.get("default_queue_policy")
+        return BatchPolicy(
+            max_batch_size=max_batch,
+            preferred=preferred,
+            max_delay_s=db.get("max_queue_delay_microseconds", 0) / 1e6,
+            max_queue_size=(queue or {}).get("max_queue_size") or default_queue_size,
+            timeout_s=(queue or {}).get("default_timeout_microseconds", 0) / 1e6,
+            delay_on_timeout=(queue or {}).get("timeout_action") == "DELAY",
+            # without a queue policy a request's own timeout is honoured
+            allow_timeout_override=queue is None or queue.get("allow_timeout_override", False),
+            instances=self.instance_count,
+        )
 
     def to_triton(self) -> dict[str, Any]:
         """Triton's JSON form of the config (what /config answers)."""
         out = dict(self.source)
+        if self.dynamic_batching is not None:
+            out["dynamic_batching"] = dict(self.dynamic_batching)
         out.update(
             name=self.name,
             platform=self.platform,

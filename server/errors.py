@@ -54,6 +54,10 @@ class ResourceExhausted(ServerError):
     kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(ServerError):
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
+
 class Unauthenticated(ServerError):
     kind = ErrorKind.UNAUTHENTICATED
 

@@ -113,16 +113,18 @@ class GrpcApi:
 
     @rpc
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
-        return await self._infer(request)
+        return await self._infer(request, context)
 
-    async def _infer(self, request: Any) -> pb.ModelInferResponse:
+    async def _infer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         started = time.perf_counter()
         try:
             req = decode_infer(request)
         except ServerError as exc:
             self._service.reject(PROTOCOL, exc, started)
             raise
-        return encode_infer(await self._service.infer(req, PROTOCOL, started))
+        remaining = context.time_remaining()  # None without a client deadline
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return encode_infer(await self._service.infer(req, PROTOCOL, started, deadline))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: Any
@@ -130,7 +132,8 @@ class GrpcApi:
         """One response per request, in order; an error answers that request only."""
         async for request in requests:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                response = await self._infer(request, context)
+                yield pb.ModelStreamInferResponse(infer_response=response)
             except ServerError as exc:
                 yield pb.ModelStreamInferResponse(
                     error_message=exc.message,

@@ -8,13 +8,14 @@ against its signature, running it, statistics and metrics) happens here, once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from loaders.base import InputError, RunError
+from server.batcher import Batcher, run_error
 from server.cache import ModelCache, Servable
-from server.errors import Internal, InvalidArgument, NotFound, ServerError, Unavailable
+from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServerError, Unavailable
 from server.metrics import OTHER, Metrics
 from server.repository import Repository
 from server.router import Router
@@ -46,6 +47,7 @@ class InferenceService:
         self._repository = repository
         self._router = router
         self._cache = cache
+        self._metrics = metrics
         self._observe = metrics.requests.observe
         self._run_pool = run_pool
         self._inline_run_us = inline_run_us
@@ -53,8 +55,11 @@ class InferenceService:
 
     # -- inference ----------------------------------------------------------------
 
-    async def infer(self, req: InferRequest, protocol: str, started: float) -> InferResponse:
-        """Run one request; `started` is when the edge received it (perf_counter)."""
+    async def infer(
+        self, req: InferRequest, protocol: str, started: float, deadline: float | None = None
+    ) -> InferResponse:
+        """Run one request; `started` is when the edge received it (perf_counter),
+        `deadline` when its client stops waiting (monotonic; the gRPC deadline)."""
         model = version = OTHER
         outcome = "success"
         try:
@@ -64,32 +69,75 @@ class InferenceService:
             version = s.version
             try:
                 t0 = time.perf_counter_ns()
-                batch = _check_inputs(s, req)
+                rows = _check_inputs(s, req)
                 names = _output_names(s, req.outputs) if req.outputs else None
-                t1 = time.perf_counter_ns()
-                if s.inline and batch * s.run_us < self._inline_run_us:
-                    outputs = s.model.run(req.inputs, names)
+                timeout = _timeout(req.parameters) if req.parameters else None
+                batcher = s.batcher
+                if batcher is None and s.batching is not None:
+                    batcher = self._batcher(s)
+                if batcher is not None:
+                    outputs = await batcher.submit(req.inputs, names, rows, deadline, timeout)
                 else:
-                    loop = asyncio.get_running_loop()
-                    outputs = await loop.run_in_executor(
-                        self._run_pool, s.model.run, req.inputs, names
-                    )
-                t2 = time.perf_counter_ns()
-            except InputError as exc:
+                    t1 = time.perf_counter_ns()
+                    if s.inline and rows * s.run_us < self._inline_run_us:
+                        outputs = s.model.run(req.inputs, names)
+                    else:
+                        if timeout:
+                            limit = time.monotonic() + timeout
+                            deadline = min(deadline, limit) if deadline else limit
+                        outputs = await self._run_in_pool(s, req.inputs, names, deadline)
+                    s.stats.record_execution(rows, t1 - t0, time.perf_counter_ns() - t1, 0)
+            except Exception as exc:
                 s.stats.record_failure(time.perf_counter_ns() - t0)
-                raise InvalidArgument(str(exc)) from None
-            except RunError as exc:
-                s.stats.record_failure(time.perf_counter_ns() - t0)
-                raise Internal(f"model {s.id} failed to run: {exc}") from None
+                raise run_error(str(s.id), exc) from None
             finally:
                 self._cache.release(s)
-            s.stats.record_success(batch, t2, t2 - int(started * 1e9), t1 - t0, t2 - t1, 0)
+            now = time.perf_counter_ns()
+            s.stats.record_success(rows, now, now - int(started * 1e9))
             return InferResponse(s.id.name, version, req.id, outputs, req.outputs)
         except ServerError as exc:
             outcome = exc.kind.value.lower()
             raise
         finally:
             self._observe((model, version, protocol, outcome), time.perf_counter() - started)
+
+    def _batcher(self, s: Servable) -> Batcher:
+        """The batching queue of a version, made on its first request."""
+        inline_us = self._inline_run_us if s.inline else 0.0
+        s.batcher = Batcher(
+            s.id.name,
+            s.version,
+            s.model,
+            s.batching,  # type: ignore[arg-type]
+            self._run_pool,
+            lambda rows: rows * s.run_us < inline_us,
+            s.stats,
+            self._metrics,
+            hold=functools.partial(self._cache.hold, s),
+            release=functools.partial(self._cache.release, s),
+        )
+        return s.batcher
+
+    async def _run_in_pool(
+        self, s: Servable, inputs: dict, names: list[str] | None, deadline: float | None
+    ) -> dict:
+        """Run in the pool; a cancelled caller leaves the model leased until the run ends."""
+        loop = asyncio.get_running_loop()
+        future = self._run_pool.submit(_run_before, deadline, s.model.run, inputs, names)
+        try:
+            return await asyncio.wrap_future(future, loop=loop)
+        except asyncio.CancelledError:
+            self._cache.hold(s)
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._cache.release, s))
+            raise
+
+    def queue_depths(self) -> dict[tuple[str, ...], int]:
+        """Requests waiting per batching version (for the queue-depth gauge)."""
+        return {
+            (s.id.name, s.version): s.batcher.depth
+            for s in self._cache.loaded()
+            if s.batcher is not None
+        }
 
     def reject(self, protocol: str, exc: ServerError, started: float) -> None:
         """Count a request the edge could not decode."""
@@ -167,6 +215,25 @@ def _stats(s: Servable) -> dict[str, Any]:
 
 def _tensor(spec: Any) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def _timeout(parameters: dict[str, Any]) -> float | None:
+    """The request's "timeout" parameter (microseconds, as Triton's clients send it)."""
+    value = parameters.get("timeout")
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise InvalidArgument(
+            f'parameter "timeout" must be a non-negative integer (microseconds), got {value!r}'
+        )
+    return value / 1e6 or None
+
+
+def _run_before(deadline: float | None, run: Any, inputs: dict, names: list[str] | None) -> dict:
+    """Run unless the request's deadline passed while it waited for a thread (in the pool)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("the request's deadline passed before it ran")
+    return run(inputs, names)
 
 
 def _output_names(s: Servable, requested: list[RequestedOutput]) -> list[str]:

@@ -1,6 +1,6 @@
 """Every Prometheus metric, declared once, on one explicit registry per server.
 
-Per-request metrics are plain counters kept by `RequestMetrics` and turned into
+Per-request metrics are plain counters kept by `Histograms` and `Counts` and turned into
 Prometheus families only when scraped: counting a request is a dict lookup, a bisect
 and three additions, with no lock (everything runs on the event loop).
 
@@ -16,64 +16,135 @@ from collections.abc import Callable, Iterator
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10,
 )  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OTHER = "other"
 REQUEST_LABELS = ("model", "version", "protocol", "outcome")
+MODEL_LABELS = ("model", "version")
 
-Key = tuple[str, str, str, str]  # model, version, protocol, outcome
+Key = tuple[str, ...]  # label values; the first two are model and version
 
 
-class RequestMetrics(Collector):
-    """Request counts and latency histograms by model, version, protocol and outcome."""
+def bounded(keys: Iterator[Key], max_models: int) -> Callable[[Key], Key]:
+    """Label bounding: the first `max_models` model names keep their labels, the others'
+    series are summed under model and version "other"."""
+    named: set[str] = set()
+    for key in keys:
+        if len(named) >= max_models:
+            break
+        if key[0] != OTHER:
+            named.add(key[0])
+    return lambda key: key if key[0] in named else (OTHER, OTHER, *key[2:])
 
-    def __init__(self, max_models: int, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+
+class Histograms(Collector):
+    """Histograms by label values, kept as plain lists and exported when scraped.
+
+    Observing is a dict lookup, a bisect and two additions, with no lock: everything
+    that observes runs on the event loop. `counter` also exports the counts as a counter.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        buckets: tuple[float, ...],
+        max_models: int,
+        counter: tuple[str, str] | None = None,  # (name, documentation)
+    ) -> None:
+        self._name, self._documentation, self._labels = name, documentation, labels
         self._bounds = list(buckets)
         self._max_models = max_models
-        self._series: dict[Key, list] = {}  # key -> [sum of seconds, [count per bucket]]
+        self._counter = counter
+        self._series: dict[Key, list] = {}  # key -> [sum, [count per bucket]]
 
-    def observe(self, key: Key, seconds: float) -> None:
+    def observe(self, key: Key, value: float) -> None:
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = [0.0, [0] * (len(self._bounds) + 1)]
-        series[0] += seconds
-        series[1][bisect_left(self._bounds, seconds)] += 1
+        series[0] += value
+        series[1][bisect_left(self._bounds, value)] += 1
 
-    def _labelled(self) -> dict[Key, list]:
-        """Series merged under bounded labels: models past the first N become "other"."""
-        named: set[str] = set()
+    def _merged(self) -> dict[Key, list]:
+        label = bounded(iter(self._series), self._max_models)
         merged: dict[Key, list] = {}
-        for (model, version, protocol, outcome), (total, counts) in self._series.items():
-            if model not in named and len(named) < self._max_models and model != OTHER:
-                named.add(model)
-            key = (model, version, protocol, outcome)
-            if model not in named:
-                key = (OTHER, OTHER, protocol, outcome)
-            into = merged.setdefault(key, [0.0, [0] * len(counts)])
+        for key, (total, counts) in self._series.items():
+            into = merged.setdefault(label(key), [0.0, [0] * len(counts)])
             into[0] += total
             into[1] = [a + b for a, b in zip(into[1], counts, strict=True)]
         return merged
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "fleetserve_requests", "Inference requests by outcome", labels=REQUEST_LABELS
-        )
-        latency = HistogramMetricFamily(
-            "fleetserve_request_duration_seconds",
-            "Inference request latency inside the server, from receipt to response",
-            labels=REQUEST_LABELS,
-        )
+        histogram = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
+        counter = None
+        if self._counter is not None:
+            counter = CounterMetricFamily(*self._counter, labels=self._labels)
         bounds = [*map(str, self._bounds), "+Inf"]
-        for key, (total, counts) in self._labelled().items():
+        for key, (total, counts) in self._merged().items():
             cumulative = list(accumulate(counts))
-            requests.add_metric(key, cumulative[-1])
-            latency.add_metric(key, list(zip(bounds, cumulative, strict=True)), total)
-        yield requests
-        yield latency
+            histogram.add_metric(key, list(zip(bounds, cumulative, strict=True)), total)
+            if counter is not None:
+                counter.add_metric(key, cumulative[-1])
+        if counter is not None:
+            yield counter
+        yield histogram
+
+
+class Counts(Collector):
+    """A labelled counter kept as plain ints (bounded model labels, as `Histograms`)."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], max_models: int
+    ) -> None:
+        self._name, self._documentation, self._labels = name, documentation, labels
+        self._max_models = max_models
+        self.counts: dict[Key, int] = {}
+
+    def inc(self, key: Key) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        label = bounded(iter(self.counts), self._max_models)
+        merged: dict[Key, int] = {}
+        for key, count in self.counts.items():
+            merged[label(key)] = merged.get(label(key), 0) + count
+        for key, count in merged.items():
+            family.add_metric(key, count)
+        yield family
+
+
+class Depths(Collector):
+    """A gauge by model and version, read from the live queues when scraped."""
+
+    def __init__(self, read: Callable[[], dict[Key, int]], max_models: int) -> None:
+        self._read, self._max_models = read, max_models
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "fleetserve_queue_depth",
+            "Requests waiting in a batching model version's queue",
+            labels=MODEL_LABELS,
+        )
+        depths = self._read()
+        label = bounded(iter(depths), self._max_models)
+        merged: dict[Key, int] = {}
+        for key, depth in depths.items():
+            merged[label(key)] = merged.get(label(key), 0) + depth
+        for key, depth in merged.items():
+            family.add_metric(key, depth)
+        yield family
 
 
 class CallbackCounter(Collector):
@@ -89,8 +160,42 @@ class CallbackCounter(Collector):
 class Metrics:
     def __init__(self, max_models: int = 100) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = RequestMetrics(max_models)
-        r.register(self.requests)
+        self._max_models = max_models
+        self.requests = Histograms(
+            "fleetserve_request_duration_seconds",
+            "Inference request latency inside the server, from receipt to response",
+            REQUEST_LABELS,
+            LATENCY_BUCKETS,
+            max_models,
+            counter=("fleetserve_requests", "Inference requests by outcome"),
+        )
+        # dynamic batching, by model and version
+        self.batch_size = Histograms(
+            "fleetserve_batch_size", "Rows per model run of a batching version",
+            MODEL_LABELS, BATCH_BUCKETS, max_models,
+        )  # fmt: skip
+        self.queue_seconds = Histograms(
+            "fleetserve_queue_duration_seconds",
+            "Time requests waited in a batching version's queue before their batch ran",
+            MODEL_LABELS, LATENCY_BUCKETS, max_models,
+        )  # fmt: skip
+        self.compute_seconds = Histograms(
+            "fleetserve_compute_duration_seconds",
+            "Time of one batch: merge inputs, run the model, split outputs",
+            MODEL_LABELS, LATENCY_BUCKETS, max_models,
+        )  # fmt: skip
+        self.rejections = Counts(
+            "fleetserve_rejected_requests",
+            "Requests a batching version's queue refused or dropped, by reason "
+            "(queue_full, timeout, deadline, cancelled)",
+            (*MODEL_LABELS, "reason"),
+            max_models,
+        )
+        for collector in (
+            self.requests, self.batch_size, self.queue_seconds, self.compute_seconds,
+            self.rejections,
+        ):  # fmt: skip
+            r.register(collector)
         self.loads = Counter("fleetserve_model_loads", "Model version loads", registry=r)
         self.load_failures = Counter(
             "fleetserve_model_load_failures", "Model version loads that failed", registry=r
@@ -112,6 +217,10 @@ class Metrics:
         self.evictions = Counter(
             "fleetserve_model_evictions", "Idle versions unloaded to make room", registry=r
         )
+
+    def queue_depths(self, read: Callable[[], dict[Key, int]]) -> None:
+        """Export the queue depth of every batching version (read at scrape time)."""
+        self.registry.register(Depths(read, self._max_models))
 
     def count_from(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """Export a counter kept as a plain int on the hot path (no lock, no label lookup)."""

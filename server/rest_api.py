@@ -130,7 +130,11 @@ class RestApi:
                 message, payload, protocol, writer, task, task.get_loop(), client_max_size=max_bytes
             )
 
-        return web.Server(self.dispatch, request_factory=make_request, **kwargs)  # type: ignore[arg-type]
+        # handler_cancellation: a client that disconnects cancels its request (and takes
+        # it out of a batching queue)
+        return web.Server(
+            self.dispatch, request_factory=make_request, handler_cancellation=True, **kwargs
+        )  # type: ignore[arg-type]
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         method, path = request.method, request.path

@@ -1,6 +1,6 @@
 """Per-version inference statistics in the shape of Triton's statistics extension.
 
-Flat integer counters, updated on the event loop only (no locks), one method call per
+Flat integer counters, updated on the event loop only (no locks), a call or two per
 request: this runs on the hot path. The nested Triton shape is built only when asked.
 """
 
@@ -38,16 +38,23 @@ class ModelStats:
         self.queue_count = self.queue_ns = 0
         self.batches: dict[int, list[int]] = {}  # batch size -> row (see _COUNT...)
 
-    def record_success(
-        self, batch_size: int, now_ns: int, total_ns: int, input_ns: int, infer_ns: int,
-        output_ns: int,
-    ) -> None:  # fmt: skip
-        """`now_ns` is perf_counter_ns at the end of the run (converted to wall time on read)."""
-        self.inference_count += batch_size
-        self.execution_count += 1
+    def record_success(self, rows: int, now_ns: int, total_ns: int) -> None:
+        """One request answered; `now_ns` is perf_counter_ns (converted to wall time on read)."""
+        self.inference_count += rows
         self.last_inference_ns = now_ns
         self.success_count += 1
         self.success_ns += total_ns
+
+    def record_queue(self, queued_ns: int) -> None:
+        """One request left a batching queue after `queued_ns`."""
+        self.queue_count += 1
+        self.queue_ns += queued_ns
+
+    def record_execution(
+        self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
+        """One model run of `batch_size` rows (one or more requests)."""
+        self.execution_count += 1
         row = self.batches.get(batch_size)
         if row is None:
             row = self.batches[batch_size] = [0, 0, 0, 0]
