@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from loaders.base import LoadedModel
 
 # V2 datatype -> numpy type (PROTOCOL.md 2.4); BYTES tensors are object arrays of bytes.
 NUMPY: dict[str, Any] = {
@@ -153,3 +156,32 @@ def extremes(datatype: str, finite_only: bool = False) -> np.ndarray:
     values += [0.0, 1.0, -1.5] if finite_only else [np.inf, -np.inf, np.nan]
     values += [finfo.eps, 1 / 3, np.pi, -np.e]
     return np.array(values, dtype=dtype).reshape(3, 4)
+
+
+# --------------------------------------------------------------------------------------
+# a model whose runs the test releases: makes batching deterministic
+
+WAIT_S = 30  # upper bound on any single wait in a gated test; they finish long before it
+
+
+class Gate(LoadedModel):
+    """A real model whose runs wait for `open()`; records the shape of every run."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self._model = model
+        self.inputs, self.outputs, self.size_bytes = model.inputs, model.outputs, 0
+        self._open = threading.Event()
+        self.started = threading.Semaphore(0)  # released once per run started
+        self.runs: list[dict[str, tuple[int, ...]]] = []
+
+    def run(self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> Any:
+        self.runs.append({k: v.shape for k, v in inputs.items()})
+        self.started.release()
+        assert self._open.wait(WAIT_S), "gate never opened"
+        return self._model.run(inputs, output_names)
+
+    def open(self) -> None:
+        self._open.set()
+
+    def unload(self) -> None:
+        self._model.unload()

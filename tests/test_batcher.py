@@ -9,7 +9,6 @@ compared bit for bit with an unbatched run of the same model.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,31 +26,7 @@ from server.config import BatchPolicy
 from server.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from server.metrics import Metrics
 from server.stats import ModelStats
-
-WAIT_S = 30  # upper bound on any single wait; tests finish long before it
-
-
-class Gate(LoadedModel):
-    """A real model whose runs wait for `open()`; records the shape of every run."""
-
-    def __init__(self, model: LoadedModel) -> None:
-        self._model = model
-        self.inputs, self.outputs, self.size_bytes = model.inputs, model.outputs, 0
-        self._open = threading.Event()
-        self.started = threading.Semaphore(0)  # released once per run started
-        self.runs: list[dict[str, tuple[int, ...]]] = []
-
-    def run(self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> Any:
-        self.runs.append({k: v.shape for k, v in inputs.items()})
-        self.started.release()
-        assert self._open.wait(WAIT_S), "gate never opened"
-        return self._model.run(inputs, output_names)
-
-    def open(self) -> None:
-        self._open.set()
-
-    def unload(self) -> None:
-        self._model.unload()
+from tests.helpers import NUMPY, WAIT_S, Gate
 
 
 def load(tmp_path: Path, model: bytes) -> LoadedModel:
@@ -271,8 +246,6 @@ def test_different_requested_outputs_do_not_merge(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("datatype", list(testing.V2_DATATYPES))
 def test_batched_results_equal_unbatched_for_every_datatype(tmp_path: Path, datatype: str) -> None:
-    from tests.helpers import NUMPY
-
     h = Harness(load(tmp_path, testing.identity(datatype)))
 
     def tensor(seed: int, rows: int) -> dict[str, np.ndarray]:
