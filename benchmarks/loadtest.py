@@ -1,8 +1,9 @@
 """Closed-loop load-test runner for fleetserve and the bare Python baselines.
 
-For each target (fleetserve, baseline) it lays out a temporary model repository
-(DIR/<model>/1/model.onnx), starts the server, waits until it is ready, sends ONE real request
-and checks the answer against onnxruntime, then drives closed-loop load at each concurrency:
+For each target (fleetserve, fleetserve-batched, baseline) it lays out a temporary model
+repository (DIR/<model>/1/model.onnx), starts the server, waits until it is ready, sends ONE
+real request and checks the answer against onnxruntime, then drives closed-loop load at each
+concurrency:
 
 * REST: ``wrk -t1 -cC -dD --latency`` with a Lua script POSTing a V2 JSON batch-1 request;
 * gRPC: ``h2load -t1 -cC -m1 -D D`` replaying a pre-serialised, length-prefixed
@@ -15,6 +16,8 @@ prints a table and writes a JSON report (see benchmarks/README.md).
 
     python benchmarks/loadtest.py --targets fleetserve,baseline --protocols rest,grpc \\
         --concurrency 1,8,32 --duration 10
+    python benchmarks/loadtest.py --targets fleetserve,fleetserve-batched --protocols rest,grpc \\
+        --mlp-layers 256,1024,1024,10 --concurrency 1,8,32,128 --duration 10
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ for _p in (str(ROOT), str(HERE)):
 from report import git_commit, machine_info  # noqa: E402
 
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
+# The fleetserve targets: one `python -m server serve` each, differing only in these flags.
+# They go after --fleetserve-args, so that the target's name always says what ran. The
+# repository has no config.pbtxt, so these flags alone decide whether the model batches.
+FLEETSERVE_TARGETS: dict[str, list[str]] = {
+    "fleetserve": ["--no-dynamic-batching"],
+    "fleetserve-batched": ["--dynamic-batching"],
+}
+TARGETS = (*FLEETSERVE_TARGETS, "baseline")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ORT_TO_V2 = {
     "tensor(float)": "FP32",
@@ -78,12 +89,21 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def make_repository(repo: Path, name: str, model_path: str | None) -> tuple[Path, str]:
-    """Write repo/name/1/model.onnx; returns (path, description of where the model came from)."""
+def make_repository(
+    repo: Path, name: str, model_path: str | None, mlp_layers: list[int] | None
+) -> tuple[Path, str]:
+    """Write repo/name/1/model.onnx; returns (path, description of where the model came from).
+
+    No config.pbtxt: the server auto-completes the config, and --(no-)dynamic-batching decides.
+    """
     from loaders.testing import mlp, write_model
 
     if model_path:
         return write_model(repo, name, Path(model_path).read_bytes()), model_path
+    if mlp_layers:
+        return write_model(repo, name, mlp(layers=mlp_layers)), (
+            f"loaders.testing.mlp(layers={mlp_layers})"
+        )
     return write_model(repo, name, mlp()), "loaders.testing.mlp()"
 
 
@@ -736,7 +756,7 @@ class Runner:
 
     # ---- servers ---------------------------------------------------------------------------
 
-    def start_fleetserve(self) -> list[Endpoint]:
+    def start_fleetserve(self, target: str) -> list[Endpoint]:
         http, grpc_port, metrics = free_port(), free_port(), free_port()
         cmd = [
             self.a.python,
@@ -754,8 +774,9 @@ class Runner:
             "--metrics-port",
             str(metrics),
             *shlex.split(self.a.fleetserve_args),
+            *FLEETSERVE_TARGETS[target],
         ]
-        srv = Server("fleetserve", cmd, self.work, self.a.pin_server)
+        srv = Server(target, cmd, self.work, self.a.pin_server)
         self.servers.append(srv)
         base = f"http://127.0.0.1:{http}"
         try:
@@ -778,7 +799,7 @@ class Runner:
         for proto in self.a.protocols:
             eps.append(
                 Endpoint(
-                    "fleetserve",
+                    target,
                     proto,
                     srv,
                     rest_url=f"{base}/v2/models/{self.a.model_name}/infer",
@@ -955,7 +976,7 @@ class Runner:
 
     def prepare(self) -> None:
         self.model_file, self.model_origin = make_repository(
-            self.repo, self.a.model_name, self.a.model
+            self.repo, self.a.model_name, self.a.model, self.a.mlp_layers
         )
         self.payload = build_payload(self.model_file, self.a.model_name)
         self.body_file = self.work / "body.json"
@@ -972,8 +993,8 @@ class Runner:
         eps: dict[tuple[str, str], Endpoint] = {}
         groups: list[tuple[str, list[str], Any]] = []  # (target, protocols, starter)
         for target in self.a.targets:
-            if target == "fleetserve":
-                groups.append((target, self.a.protocols, self.start_fleetserve))
+            if target in FLEETSERVE_TARGETS:
+                groups.append((target, self.a.protocols, lambda t=target: self.start_fleetserve(t)))
             else:
                 for proto in self.a.protocols:
                     groups.append((target, [proto], lambda p=proto: [self.start_baseline(p)]))
@@ -1086,29 +1107,30 @@ def print_table(results: list[Result]) -> None:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=False)))
 
 
-def ratios(results: list[Result]) -> list[dict[str, Any]]:
+def ratios(results: list[Result], num: str, den: str) -> list[dict[str, Any]]:
+    """num / den per protocol and concurrency where both succeeded (same run, interleaved)."""
     by = {(r.target, r.protocol, r.concurrency): r for r in results if not r.failed}
     out = []
-    for (t, proto, c), fs in by.items():
-        base = by.get(("baseline", proto, c))
-        if t != "fleetserve" or base is None or not base.rps:
+    for (t, proto, c), top in by.items():
+        ref = by.get((den, proto, c))
+        if t != num or ref is None or not ref.rps:
             continue
         out.append(
             {
                 "protocol": proto,
                 "concurrency": c,
-                "rps_ratio": fs.rps / base.rps,
-                "p50_ratio": fs.p50_ms / base.p50_ms if base.p50_ms else float("nan"),
-                "p99_ratio": fs.p99_ms / base.p99_ms if base.p99_ms else float("nan"),
+                "rps_ratio": top.rps / ref.rps,
+                "p50_ratio": top.p50_ms / ref.p50_ms if ref.p50_ms else float("nan"),
+                "p99_ratio": top.p99_ms / ref.p99_ms if ref.p99_ms else float("nan"),
             }
         )
     return out
 
 
-def print_ratios(rs: list[dict[str, Any]]) -> None:
+def print_ratios(title: str, rs: list[dict[str, Any]]) -> None:
     if not rs:
         return
-    print("\nfleetserve / baseline (same run):")
+    print(f"\n{title} (same run):")
     print(f"{'proto':>5}  {'conc':>4}  {'req/s':>6}  {'p50':>6}  {'p99':>6}")
     for x in rs:
         print(
@@ -1146,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
         "--targets",
         type=_csv(str),
         default=["fleetserve"],
-        help="comma list of fleetserve,baseline (default: fleetserve)",
+        help="comma list of fleetserve,fleetserve-batched,baseline (default: fleetserve)",
     )
     ap.add_argument(
         "--protocols",
@@ -1175,6 +1197,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--model",
         help="ONNX file to serve (default: loaders.testing.mlp(), the 16->64->4 FP32 MLP)",
+    )
+    ap.add_argument(
+        "--mlp-layers",
+        type=_csv(int),
+        metavar="W0,W1,...",
+        help="serve loaders.testing.mlp(layers=[...]) instead, every width from input to "
+        "output, e.g. 256,1024,1024,10",
     )
     ap.add_argument("--model-name", default="mlp")
     ap.add_argument(
@@ -1213,11 +1242,15 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the temp dir (model repository, server logs, payloads)",
     )
     a = ap.parse_args(argv)
-    bad = set(a.targets) - {"fleetserve", "baseline"} or set(a.protocols) - {"rest", "grpc"}
+    bad = set(a.targets) - set(TARGETS) or set(a.protocols) - {"rest", "grpc"}
     if bad or not a.concurrency or min(a.concurrency) < 1:
         ap.error(f"bad --targets/--protocols/--concurrency ({bad or a.concurrency})")
     if a.duration < 1 or a.warmup < 0 or a.repeat < 1:
         ap.error("need --duration >= 1, --warmup >= 0, --repeat >= 1")
+    if a.mlp_layers is not None and (len(a.mlp_layers) < 2 or min(a.mlp_layers) < 1):
+        ap.error(f"--mlp-layers needs at least two positive widths ({a.mlp_layers})")
+    if a.mlp_layers and a.model:
+        ap.error("--model and --mlp-layers exclude each other")
 
     def _terminate(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)  # unwind, so that the servers we started are stopped
@@ -1243,8 +1276,10 @@ def main(argv: list[str] | None = None) -> int:
     runner.results.sort(key=lambda r: order.get((r.protocol, r.concurrency, r.target), 0))
     print()
     print_table(runner.results)
-    rs = ratios(runner.results)
-    print_ratios(rs)
+    rs = ratios(runner.results, "fleetserve", "baseline")
+    print_ratios("fleetserve / baseline", rs)
+    rs_batched = ratios(runner.results, "fleetserve-batched", "fleetserve")
+    print_ratios("fleetserve-batched / fleetserve", rs_batched)
     noisy = [r for r in runner.results if not r.failed and r.other_cpu_pct > 10]
     if noisy:
         print(
@@ -1265,18 +1300,23 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": a.duration,
             "warmup_s": a.warmup,
             "model": runner.model_origin,
+            "mlp_layers": a.mlp_layers,
             "model_name": a.model_name,
             "request": "batch 1, inputs "
             + ", ".join(f"{n}{list(v.shape)} {v.dtype}" for n, v in runner.payload.inputs.items()),
             "pin_server": a.pin_server,
             "pin_generator": a.pin_generator,
             "fleetserve_args": a.fleetserve_args,
+            "fleetserve_target_args": {
+                t: FLEETSERVE_TARGETS[t] for t in a.targets if t in FLEETSERVE_TARGETS
+            },
             "wait_idle_s": a.wait_idle,
             "repeat": a.repeat,
         },
         "checks": runner.checks,
         "results": [asdict(r) for r in runner.results],
         "ratios_fleetserve_over_baseline": rs,
+        "ratios_fleetserve_batched_over_fleetserve": rs_batched,
     }
     out = Path(a.out) if a.out else HERE / "out" / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
