@@ -40,6 +40,9 @@ from server.stats import ModelStats
 Outputs = dict[str, np.ndarray]
 # how far past the head a batch looks for compatible requests (bounds the work per batch)
 SCAN_LIMIT = 1024
+# an inline model whose loop passes hold one request each stops waiting for pass ends,
+# and checks again every this many requests
+PROBE_EVERY = 64
 
 
 def run_error(model: str, exc: BaseException) -> ServerError:
@@ -104,6 +107,10 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._delayed: deque[_Request] = deque()  # timed out under timeout_action DELAY
         self._timer: asyncio.TimerHandle | None = None  # wakes a batch waiting for rows
+        self._tick_pending = False  # a `_tick` is scheduled for the end of this loop pass
+        self._merging = True  # inline models: gather each pass's requests (see `_tick`)
+        self._empty_ticks = 0
+        self._submits = 0
         self.running = 0  # batches running now
 
     @property
@@ -132,6 +139,14 @@ class Batcher:
                 retry_after=1,
             )
         loop = asyncio.get_running_loop()
+        if (
+            not self._tick_pending
+            and not self._queue
+            and not self._delayed
+            and self.running < policy.instances
+            and self._inline(rows)
+        ):
+            return self._run_now(loop, inputs, names, rows)
         req = _Request(inputs, names, rows, loop.create_future(), deadline)
         timeout = policy.timeout_s
         if timeout_s and policy.allow_timeout_override:
@@ -139,13 +154,43 @@ class Batcher:
         if timeout:
             req.timer = loop.call_at(loop.time() + timeout, self._timed_out, req, timeout)
         self._queue.append(req)
-        self._schedule()
+        if not self._tick_pending:
+            self._schedule()  # starts at once if an instance is free
         try:
             return await req.future
         except asyncio.CancelledError:
             if self._forget(req):  # still queued: its client went away
                 self._metrics.rejections.inc((*self._labels, "cancelled"))
             raise
+
+    def _run_now(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        inputs: dict[str, np.ndarray],
+        names: list[str] | None,
+        rows: int,
+    ) -> Outputs:
+        """The first request of a loop pass to an idle inline model: run it right here."""
+        self._submits += 1
+        if self._merging or self._submits % PROBE_EVERY == 0:
+            # an inline run ends before the next request is read, so nothing could queue
+            # behind it: the rest of this loop pass's requests (read from several sockets
+            # at once) wait for the pass to end and run together
+            self._tick_pending = True
+            loop.call_soon(self._tick)
+        t0 = time.perf_counter_ns()
+        try:
+            out = self._model.run(inputs, names)
+        except Exception as exc:
+            raise run_error(self._id, exc) from None
+        ns = time.perf_counter_ns() - t0
+        self._stats.record_queue(0)
+        self._stats.record_execution(rows, 0, ns, 0)
+        metrics, labels = self._metrics, self._labels
+        metrics.queue_seconds.observe(labels, 0.0)
+        metrics.batch_size.observe(labels, rows)
+        metrics.compute_seconds.observe(labels, ns / 1e9)
+        return out
 
     # -- the queue -------------------------------------------------------------------
 
@@ -192,6 +237,17 @@ class Batcher:
             batch = self._take(self._queue or self._delayed)
             if batch:
                 self._launch(batch)
+
+    def _tick(self) -> None:
+        """The end of a loop pass: run what queued in it; stop merging passes that
+        never hold more than one request (probing again every PROBE_EVERY requests)."""
+        self._tick_pending = False
+        if self._queue:
+            self._merging, self._empty_ticks = True, 0
+        else:
+            self._empty_ticks += 1
+            self._merging = self._empty_ticks < 8
+        self._schedule()
 
     def _wake(self) -> None:
         self._timer = None
