@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc.aio as grpcclient
 import tritonclient.http.aio as httpclient
@@ -41,6 +42,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         testing.write_model(root, name, testing.mlp(seed=seed), config=BATCHED)
     testing.write_model(root, "full", testing.mlp(seed=20), config=QUEUE_OF_TWO)
     testing.write_model(root, "auto", testing.mlp(seed=21))  # no config.pbtxt
+    testing.write_model(
+        root, "gpu", testing.mlp(seed=22),
+        config=BATCHED + "instance_group [ { count: 1 kind: KIND_GPU } ]\n",
+    )  # fmt: skip
     testing.write_model(
         root, "unbatched", testing.fixed_shape((3, 4)),
         config="max_batch_size: 0\ndynamic_batching { }\n",
@@ -356,3 +361,71 @@ def test_a_bad_timeout_parameter_is_400_naming_it(server: RunningServer) -> None
 
     status, doc = asyncio.run(main())
     assert status == 400 and '"timeout"' in doc["error"]
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="needs a CPU-only build"
+)
+def test_a_model_asking_for_cuda_on_a_cpu_machine_is_a_clear_error_not_a_crash(
+    server: RunningServer,
+) -> None:
+    body = {
+        "inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]
+    }
+
+    async def main() -> list[tuple[int, dict]]:
+        out = []
+        async with aiohttp.ClientSession() as http:
+            for model in ("gpu", "auto"):
+                url = f"{server.http_url}/v2/models/{model}/infer"
+                async with http.post(url, json=body) as reply:
+                    out.append((reply.status, await reply.json()))
+        return out
+
+    (status, doc), (ok_status, _) = asyncio.run(main())
+    assert status == 503
+    assert "CUDAExecutionProvider" in doc["error"] and "not available" in doc["error"]
+    assert ok_status == 200  # the server goes on serving the others
+
+
+def test_a_model_with_queued_requests_is_in_use_and_never_evicted(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    for seed, name in enumerate(["busy", "newcomer"]):
+        testing.write_model(root, name, testing.mlp(seed=seed), config=BATCHED)
+    running = start_server(
+        test_settings(root, inline_run_us=0.0, max_loaded_models=1, preload=False)
+    )
+    try:
+
+        async def main() -> None:
+            client = httpclient.InferenceServerClient(running.http)
+            try:
+                await client.load_model("busy")
+                gate = install_gate(running, "busy")
+                try:
+                    first = asyncio.ensure_future(
+                        client.infer("busy", [rest_input(mlp_input(1, 1))])
+                    )
+                    await started(gate)
+                    waiting = asyncio.ensure_future(
+                        client.infer("busy", [rest_input(mlp_input(2, 2))])
+                    )
+                    await queued(running, "busy", 1)
+                    # the only slot is held by a model with a running and a queued request
+                    with pytest.raises(InferenceServerException) as refused:
+                        await client.infer("newcomer", [rest_input(mlp_input(1, 3))])
+                    assert refused.value.status() == "503"
+                    gate.open()
+                    assert (await waiting).as_numpy("OUTPUT0").shape == (2, 4)
+                    await first
+                finally:
+                    gate.open()
+                # idle now: the newcomer evicts it
+                reply = await client.infer("newcomer", [rest_input(mlp_input(1, 3))])
+                assert reply.as_numpy("OUTPUT0").shape == (1, 4)
+            finally:
+                await client.close()
+
+        asyncio.run(main())
+    finally:
+        stop_server(running)

@@ -13,6 +13,7 @@ import pytest
 
 from loaders.onnx import OnnxLoader
 from server.config import (
+    BatchPolicy,
     ModelConfig,
     Settings,
     VersionPolicy,
@@ -572,3 +573,63 @@ def test_loader_points_at_the_version_file_with_config_options(tmp_path):
     assert isinstance(loader, OnnxLoader)
     assert loader.path == tmp_path / "m" / "2" / "net.onnx"
     assert loader.options.intra_op_threads == 2
+
+
+# -- dynamic batching policy -----------------------------------------------------------
+
+BATCH_IO = ([TensorSpec("INPUT0", "FP32", (-1, 16))], [TensorSpec("OUTPUT0", "FP32", (-1, 4))])
+
+
+def test_batch_policy_reads_triton_dynamic_batching_and_queue_policy():
+    config = parse(
+        "max_batch_size: 16\n"
+        "dynamic_batching { preferred_batch_size: [ 8, 4 ] max_queue_delay_microseconds: 250\n"
+        "  default_queue_policy { timeout_action: DELAY default_timeout_microseconds: 5000\n"
+        "    allow_timeout_override: true max_queue_size: 7 } }\n"
+        "instance_group [ { count: 2 kind: KIND_CPU } ]"
+    )
+    policy = config.completed(*BATCH_IO, 64).batch_policy(default_queue_size=1024)
+    assert policy == BatchPolicy(
+        max_batch_size=16, preferred=(4, 8), max_delay_s=0.00025, max_queue_size=7,
+        timeout_s=0.005, delay_on_timeout=True, allow_timeout_override=True, instances=2,
+    )  # fmt: skip
+    assert policy.target_rows == 4
+
+
+def test_batch_policy_defaults_follow_triton_except_the_bounded_queue():
+    empty = parse("max_batch_size: 8\ndynamic_batching { }").completed(*BATCH_IO, 64)
+    policy = empty.batch_policy(default_queue_size=99)
+    assert (policy.max_queue_size, policy.timeout_s, policy.max_delay_s) == (99, 0.0, 0.0)
+    assert policy.delay_on_timeout is False and policy.target_rows == 8
+    # no queue policy at all: a request's own timeout is honoured
+    assert policy.allow_timeout_override is True
+    # a queue policy that does not allow it (Triton's default) keeps the request's out
+    strict = parse("max_batch_size: 8\ndynamic_batching { default_queue_policy { } }")
+    assert strict.completed(*BATCH_IO, 64).batch_policy(99).allow_timeout_override is False
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["max_batch_size: 8", "max_batch_size: 0\ndynamic_batching { }", "dynamic_batching { }"],
+    ids=["no-dynamic-batching", "max-batch-0", "max-batch-unset"],
+)
+def test_no_batch_policy_without_dynamic_batching_or_a_batch_dimension(text):
+    done = parse(text).completed([TensorSpec("INPUT0", "FP32", (3,))], [], 64)
+    assert done.batch_policy(1024) is None
+
+
+@pytest.mark.parametrize("sizes", ["[ 0 ]", "[ 4, 9 ]"])
+def test_preferred_batch_size_outside_1_to_max_is_invalid_argument(sizes):
+    config = parse(f"max_batch_size: 8\ndynamic_batching {{ preferred_batch_size: {sizes} }}")
+    with pytest.raises(InvalidArgument, match="preferred_batch_size"):
+        config.completed(*BATCH_IO, 64).batch_policy(1024)
+
+
+def test_server_default_batches_only_models_without_a_config_file():
+    done = ModelConfig(name="m").completed(*BATCH_IO, 64, default_batching=True)
+    assert done.dynamic_batching == {} and done.source["dynamic_batching"] == {}
+    assert done.batch_policy(1024) is not None
+    with_file = parse("max_batch_size: 8").completed(*BATCH_IO, 64, default_batching=True)
+    assert with_file.batch_policy(1024) is None
+    off = ModelConfig(name="m").completed(*BATCH_IO, 64, default_batching=False)
+    assert off.batch_policy(1024) is None and "dynamic_batching" not in off.source
