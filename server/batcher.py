@@ -68,8 +68,10 @@ class _Request:
         deadline: float | None,
     ) -> None:
         self.inputs, self.names, self.rows, self.future = inputs, names, rows, future
-        # requests merge only when every non-batch dimension and the outputs agree
-        self.key = (tuple(a.shape[1:] for a in inputs.values()), names and tuple(names))
+        # requests merge only when every non-batch dimension and the outputs agree (by
+        # name: clients may send the inputs in any order)
+        shapes = inputs.items() if len(inputs) == 1 else sorted(inputs.items())
+        self.key = (tuple((n, a.shape[1:]) for n, a in shapes), names and tuple(names))
         self.deadline = deadline  # monotonic; the client stops waiting then
         self.queued_at = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
@@ -192,6 +194,16 @@ class Batcher:
         metrics.compute_seconds.observe(labels, ns / 1e9)
         return out
 
+    def close(self, reason: str) -> None:
+        """Fail every waiting request (its model is going away under it)."""
+        for queue in (self._queue, self._delayed):
+            while queue:
+                req = queue.popleft()
+                if req.timer is not None:
+                    req.timer.cancel()
+                if not req.future.done():
+                    req.future.set_exception(Unavailable(f"model {self._id} {reason}"))
+
     # -- the queue -------------------------------------------------------------------
 
     def _forget(self, req: _Request) -> bool:
@@ -208,6 +220,8 @@ class Batcher:
 
     def _timed_out(self, req: _Request, timeout: float) -> None:
         req.timer = None
+        if req.future.done():  # cancelled in this loop pass: its caller forgets it
+            return
         if self._policy.delay_on_timeout:
             try:
                 self._queue.remove(req)
@@ -306,13 +320,17 @@ class Batcher:
         self._hold()
         # inline or refused: finished here, and the caller's `_schedule` loop goes on
         if self._inline(rows):
-            self._finish(batch, rows, self._execute(batch, rows), reschedule=False)
+            try:
+                done = self._execute(batch, rows)
+            except Exception as exc:  # never leave a batch unfinished (running, leases)
+                done = ([exc for _ in batch], 0, 0, 0)
+            self._finish(batch, rows, done, reschedule=False)
             return
         loop = asyncio.get_running_loop()
         try:
             future = self._pool.submit(self._execute, batch, rows)
         except RuntimeError:  # the pool is shut down: the server is stopping
-            stopping = [Unavailable("the server is stopping")] * len(batch)
+            stopping = [Unavailable("the server is stopping") for _ in batch]
             self._finish(batch, rows, (stopping, 0, 0, 0), reschedule=False)
             return
         future.add_done_callback(
@@ -323,14 +341,14 @@ class Batcher:
         self, batch: list[_Request], rows: int
     ) -> tuple[list[Outputs | BaseException], int, int, int]:
         """Merge, run, split (in the run pool): per-request results and the three times."""
-        t0 = time.perf_counter_ns()
+        t0 = t1 = time.perf_counter_ns()
         first = batch[0]
-        if len(batch) == 1:
-            feed = first.inputs
-        else:
-            feed = {n: np.concatenate([r.inputs[n] for r in batch]) for n in first.inputs}
-        t1 = time.perf_counter_ns()
         try:
+            if len(batch) == 1:
+                feed = first.inputs
+            else:
+                feed = {n: np.concatenate([r.inputs[n] for r in batch]) for n in first.inputs}
+            t1 = time.perf_counter_ns()
             out = self._model.run(feed, first.names)
         except Exception as exc:
             if len(batch) == 1:
@@ -355,7 +373,7 @@ class Batcher:
         try:
             done = future.result()
         except BaseException as exc:  # cancelled at pool shutdown
-            done = ([exc] * len(batch), 0, 0, 0)
+            done = ([exc for _ in batch], 0, 0, 0)
         self._finish(batch, rows, done)
 
     def _finish(

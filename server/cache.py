@@ -435,6 +435,8 @@ class ModelCache:
                 log.warning(
                     "freeing %s with %d requests still running", servable.id, servable.leases
                 )
+                if servable.batcher is not None:  # those still queued must not run on it
+                    servable.batcher.close("was unloaded while the request waited")
         self.used_bytes -= servable.size_bytes
         self.loaded_count -= 1
         self._publish_usage()

@@ -22,6 +22,13 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
           "tb": 1000**4, "tib": 1024**4}  # fmt: skip
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_size(text: str) -> int:
     """Human sizes: 512, 64MiB, 4GiB, 1.5GB."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
@@ -62,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "models with a config batch when it says so). Default: off",
     )  # fmt: skip
     serve.add_argument(
-        "--max-queue-size", type=int, default=d.max_queue_size,
+        "--max-queue-size", type=positive_int, default=d.max_queue_size,
         help="requests a batching model version may queue when its config sets no "
         "max_queue_size; more are refused with 503 / UNAVAILABLE",
     )  # fmt: skip

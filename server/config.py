@@ -9,6 +9,7 @@ plain `ModelConfig` dataclass and Triton's JSON shape of the config.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -238,6 +239,9 @@ _CONFIG_TYPES = {name: "STRING" if name == "BYTES" else name for name in DTYPES}
 _V2_TYPES = {f"TYPE_{v}": k for k, v in _CONFIG_TYPES.items()}
 
 
+_MAX_BATCH = re.compile(r"^\s*max_batch_size\s*:", re.MULTILINE)
+
+
 def parse_model_config(text: str, model_name: str) -> ModelConfig:
     """Parse config.pbtxt text; raises InvalidArgument naming the problem."""
     message = model_config_pb2.ModelConfig()
@@ -263,7 +267,8 @@ def parse_model_config(text: str, model_name: str) -> ModelConfig:
         name=model_name,
         platform="onnxruntime_onnx",
         max_batch_size=message.max_batch_size,
-        max_batch_size_set="max_batch_size" in source or bool(message.input),
+        # proto3 cannot tell an explicit 0 from no value: look at the text
+        max_batch_size_set=bool(message.input) or _MAX_BATCH.search(text) is not None,
         inputs=tuple(_tensor_spec(model_name, t) for t in message.input),
         outputs=tuple(_tensor_spec(model_name, t) for t in message.output),
         version_policy=_version_policy(message.version_policy),

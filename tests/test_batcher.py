@@ -220,6 +220,46 @@ def test_requests_that_are_batches_count_with_their_rows_and_never_split(
     run(test)
 
 
+def test_inputs_sent_in_a_different_order_merge_by_name(tmp_path: Path) -> None:
+    h = Harness(load(tmp_path, testing.add_sub("FP32")))
+    rng = np.random.default_rng(0)
+    a, b, c, d = (rng.standard_normal((1, 16), np.float32) for _ in range(4))
+
+    async def test() -> None:
+        first = h.submit({"INPUT0": a, "INPUT1": b})
+        await h.wait_started(1)
+        straight = h.submit({"INPUT0": a, "INPUT1": b})
+        swapped = h.submit({"INPUT1": d, "INPUT0": c})
+        await settle()
+        h.gate.open()
+        await first
+        same(await straight, h.model.run({"INPUT0": a, "INPUT1": b}))
+        same(await swapped, h.model.run({"INPUT0": c, "INPUT1": d}))
+        assert [r["INPUT0"][0] for r in h.gate.runs] == [1, 2]
+
+    run(test)
+
+
+def test_close_fails_every_waiting_request_and_runs_none(tmp_path: Path) -> None:
+    h = Harness(load(tmp_path, testing.mlp()), timeout_s=3600)
+
+    async def test() -> None:
+        first = h.submit(floats(1, 0))
+        await h.wait_started(1)
+        waiting = [h.submit(floats(2, seed)) for seed in (1, 2)]
+        await settle()
+        h.batcher.close("was unloaded")
+        for task in waiting:
+            with pytest.raises(Unavailable, match="was unloaded"):
+                await task
+        assert h.batcher.depth == 0
+        h.gate.open()
+        await first
+        assert [r["INPUT0"][0] for r in h.gate.runs] == [1]
+
+    run(test)
+
+
 def test_different_requested_outputs_do_not_merge(tmp_path: Path) -> None:
     h = Harness(load(tmp_path, testing.add_sub("FP32")))
 

@@ -74,6 +74,8 @@ def test_every_flag_maps_to_its_setting():
             "--metrics-port", "-1",
             "--max-request-size", "8MiB",
             "--default-max-batch-size", "16",
+            "--dynamic-batching",
+            "--max-queue-size", "77",
             "--run-threads", "6",
             "--load-threads", "3",
             "--intra-op-threads", "2",
@@ -90,6 +92,8 @@ def test_every_flag_maps_to_its_setting():
         metrics_port=-1,
         max_request_bytes=8 * 1024**2,
         default_max_batch_size=16,
+        dynamic_batching=True,
+        max_queue_size=77,
         run_threads=6,
         load_threads=3,
         intra_op_threads=2,
@@ -108,8 +112,16 @@ def test_every_flag_maps_to_its_setting():
         ["serve", "--model-repository", "m", "--http-port", "eighty"],
         ["serve", "--model-repository", "m", "--no-such-flag"],
         ["launch", "--model-repository", "m"],
+        ["serve", "--model-repository", "m", "--max-queue-size", "0"],
     ],
-    ids=["no-command", "no-repository", "bad-int", "unknown-flag", "unknown-command"],
+    ids=[
+        "no-command",
+        "no-repository",
+        "bad-int",
+        "unknown-flag",
+        "unknown-command",
+        "unbounded-queue",
+    ],
 )
 def test_bad_command_lines_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_:

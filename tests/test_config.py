@@ -618,6 +618,13 @@ def test_no_batch_policy_without_dynamic_batching_or_a_batch_dimension(text):
     assert done.batch_policy(1024) is None
 
 
+def test_an_explicit_max_batch_size_0_is_kept_for_a_model_that_could_batch():
+    # proto3 cannot tell "max_batch_size: 0" from no value; the text can
+    done = parse("max_batch_size: 0\ndynamic_batching { }").completed(*BATCH_IO, 64)
+    assert done.max_batch_size == 0 and done.batch_policy(1024) is None
+    assert parse("dynamic_batching { }").completed(*BATCH_IO, 64).max_batch_size == 64
+
+
 @pytest.mark.parametrize("sizes", ["[ 0 ]", "[ 4, 9 ]"])
 def test_preferred_batch_size_outside_1_to_max_is_invalid_argument(sizes):
     config = parse(f"max_batch_size: 8\ndynamic_batching {{ preferred_batch_size: {sizes} }}")
