@@ -13,19 +13,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
+import json
 import logging
+import os
+import shutil
+import uuid
 from collections.abc import AsyncIterator, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from loaders.base import LoadError
+from loaders.registry import loader_class
 from server.cache import ModelCache
-from server.errors import InvalidArgument, NotFound, ServerError, Unauthenticated, Unavailable
+from server.config import CONFIG_FILENAME, ModelConfig, Settings, parse_model_config
+from server.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ServerError,
+    Unauthenticated,
+    Unavailable,
+)
 from server.repository import ModelEntry, Repository, Snapshot, check_model_name
+from server.router import Router
+from server.routing import Routing, RoutingStore, fsync_directory, parse_routing, write_atomically
 from server.types import ModelId, ModelState
+from server.versions import parse_version
 
 log = logging.getLogger(__name__)
+_audit = logging.getLogger("fleetserve.audit")
+VERSION_ACTIONS = ("load", "unload", "pin", "unpin")
+MAX_CONFIG_CHARS = 1024 * 1024
 
 # ModelState -> the state names of Triton's repository index
 INDEX_STATE = {
@@ -53,21 +75,60 @@ def is_loopback(address: str | None) -> bool:
     return ip.is_loopback
 
 
-def authorize(address: str | None) -> None:
-    """The access rule for repository control, for both edges: the peer's IP address in,
-    Unauthenticated out. There is no admin token yet, so only loopback peers pass."""
-    if not is_loopback(address):
-        raise Unauthenticated(
-            "repository control is loopback-only until an admin token is configured"
-        )
+def authorize(token: str | None, address: str | None, authorization: str | None) -> None:
+    """The access rule for the admin API and repository control, for both edges.
+
+    With a token configured, every caller must send `Authorization: Bearer <token>`
+    (compared in constant time); without one, only loopback peers pass (secure by
+    default). Unauthenticated out.
+    """
+    if token is None:
+        if not is_loopback(address):
+            raise Unauthenticated(
+                "the admin API is loopback-only: the server has no admin token configured"
+            )
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise Unauthenticated("missing or wrong admin token (Authorization: Bearer <token>)")
 
 
 class AdminService:
-    def __init__(self, repository: Repository, cache: ModelCache, executor: Executor) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        cache: ModelCache,
+        router: Router,
+        settings: Settings,
+        executor: Executor,  # file I/O: rescans, uploads, the routing file
+        load_pool: Executor,  # trial loads of uploaded models
+    ) -> None:
         self._repository = repository
         self._cache = cache
-        self._executor = executor  # for rescans: directory listings and config reads
-        self._locks: dict[str, _Held] = {}  # one load/unload of a model at a time
+        self._router = router
+        self._settings = settings
+        self._token = settings.admin_token
+        self._executor = executor
+        self._load_pool = load_pool
+        self._store = RoutingStore(settings.state_dir)
+        self._store_lock = asyncio.Lock()  # routing writes, in order
+        self._locks: dict[str, _Held] = {}  # one change of a model at a time
+
+    def authorize(self, address: str | None, authorization: str | None) -> None:
+        authorize(self._token, address, authorization)
+
+    async def restore(self) -> None:
+        """Routing and pins as the last run left them (server start)."""
+        loop = asyncio.get_running_loop()
+        routes = await loop.run_in_executor(self._executor, self._store.load)
+        for name, routing in routes.items():
+            self._router.set_routing(name, routing)
+            for version in routing.pinned:
+                self._cache.pin(ModelId(name, version))
+        if routes:
+            log.info("routing restored for %d models from %s", len(routes), self._store.path)
 
     # -- repository ---------------------------------------------------------------
 
@@ -173,7 +234,8 @@ class AdminService:
             entry = self._repository.entry(name)
             if entry.config is None or not entry.servable:
                 raise Unavailable(f"model {name!r} failed to load: {_why(entry)}")
-            ids = [ModelId(name, v) for v in entry.servable]
+            servable = self._router.servable(name)  # the policy's, plus routed versions
+            ids = [ModelId(name, v) for v in servable]
             results = await asyncio.gather(
                 *(self._cache.load(i, reload=True) for i in ids), return_exceptions=True
             )
@@ -183,7 +245,7 @@ class AdminService:
             stale = [
                 model_id
                 for model_id, (state, _) in self._cache.states().items()
-                if model_id.name == name and model_id.version not in entry.servable
+                if model_id.name == name and model_id.version not in servable
                 and state in ACTIVE
             ]  # fmt: skip
             await self._unload(stale)
@@ -214,6 +276,189 @@ class AdminService:
             if isinstance(result, BaseException) and not isinstance(result, NotFound):
                 raise result
 
+    # -- the admin API ---------------------------------------------------------------
+
+    async def status(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every model (or one): its versions with state, servable, pinned; its routing."""
+        if name is not None:
+            check_model_name(name)
+        await self.rescan(read_all=name is None, fresh=(name,) if name else ())
+        names = [name] if name is not None else list(self._repository.names)
+        states = self._cache.states()
+        out = []
+        for model in names:
+            entry = self._known(model)
+            servable = set(self._router.servable(model)) if entry.config else set()
+            seen = {i.version: st for i, st in states.items() if i.name == model}
+            versions = []
+            for version in sorted(set(entry.versions) | set(seen)):
+                state, reason = seen.get(version, (ModelState.UNLOADED, NOT_LOADED))
+                versions.append({
+                    "version": str(version),
+                    "state": INDEX_STATE[state],
+                    "reason": reason or (NOT_LOADED if state is ModelState.UNLOADED else ""),
+                    "servable": version in servable,
+                    "pinned": self._cache.pinned(ModelId(model, version)),
+                })  # fmt: skip
+            doc = {"name": model, "versions": versions,
+                   "routing": self._router.routing(model).to_json()}  # fmt: skip
+            if entry.config is None:
+                doc["error"] = entry.error
+            out.append(doc)
+        return out
+
+    async def upload(
+        self, name: str, version: str, body: AsyncIterator[bytes], who: str
+    ) -> dict[str, Any]:
+        """Write a new version atomically: into a hidden directory, fsynced, trial-loaded
+        (a file that does not load is refused), then renamed into place. A crash leaves
+        no half model visible; an existing version is never overwritten."""
+        check_model_name(name)
+        number = _version_number(version)
+        async with self._exclusive(name):
+            model_dir = self._repository.root / name
+            entry = self._repository.entry(name) if name in self._repository.names else None
+            exists = entry is not None and number in entry.versions
+            if exists or (model_dir / str(number)).exists():
+                raise AlreadyExists(f"model {name!r} already has version {number}")
+            filename = (entry.config.default_model_filename
+                        if entry is not None and entry.config else "model.onnx")  # fmt: skip
+            loop = asyncio.get_running_loop()
+            staging = model_dir / f".upload-{number}-{uuid.uuid4().hex[:8]}"
+            try:
+                size = await self._receive(body, staging / filename)
+                path = staging / filename
+                await loop.run_in_executor(self._load_pool, self._trial_load, name, path)
+                await loop.run_in_executor(
+                    self._executor, _publish, staging, model_dir / str(number)
+                )
+            finally:
+                await loop.run_in_executor(self._executor, shutil.rmtree, staging, True)
+            await self.rescan(fresh=(name,))
+        audit(who, "upload", name, number, f"{size} bytes")
+        return {"name": name, "version": str(number), "bytes": size}
+
+    async def _receive(self, body: AsyncIterator[bytes], path: Path) -> int:
+        limit, size = self._settings.max_upload_bytes, 0
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, lambda: path.parent.mkdir(parents=True))
+        f = await loop.run_in_executor(self._executor, open, path, "wb")
+        try:
+            async for chunk in body:
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidArgument(f"model file exceeds the upload limit of {limit} bytes")
+                await loop.run_in_executor(self._executor, f.write, chunk)
+            if size == 0:
+                raise InvalidArgument("empty model file")
+            await loop.run_in_executor(self._executor, _flush, f)
+        finally:
+            await loop.run_in_executor(self._executor, f.close)
+        return size
+
+    def _trial_load(self, name: str, path: Path) -> None:
+        """Load the uploaded file once (in the load pool) and drop it: refuse what cannot load."""
+        entry = self._repository.entry(name) if name in self._repository.names else None
+        config = entry.config if entry is not None and entry.config else ModelConfig(name)
+        try:
+            model = loader_class(config.platform)(path, config.load_options(self._settings)).load()
+        except LoadError as exc:
+            raise InvalidArgument(f"the uploaded file is not a loadable model: {exc}") from None
+        model.unload()
+
+    async def put_config(self, name: str, text: str, who: str) -> None:
+        """Replace a model's config.pbtxt atomically after checking it parses. Loaded
+        versions keep the config they loaded with until they are loaded again."""
+        check_model_name(name)
+        if len(text) > MAX_CONFIG_CHARS:
+            raise InvalidArgument(f"config.pbtxt is limited to {MAX_CONFIG_CHARS} characters")
+        parse_model_config(text, name)  # InvalidArgument naming the problem
+        path = self._repository.root / name / CONFIG_FILENAME
+        async with self._exclusive(name):
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, write_atomically, path, text.encode()
+            )
+            await self.rescan(fresh=(name,))
+        audit(who, "config", name, None, f"{len(text)} chars")
+
+    async def version_action(self, name: str, version: str, action: str, who: str) -> None:
+        """load (or reload) | unload (drained) | pin (and load) | unpin one version."""
+        check_model_name(name)
+        number = _version_number(version)
+        if action not in VERSION_ACTIONS:
+            actions = ", ".join(VERSION_ACTIONS)
+            raise NotFound(f"no admin action {action[:40]!r} (actions: {actions})")
+        model_id = ModelId(name, number)
+        async with self._exclusive(name):
+            await self.rescan(fresh=(name,))
+            entry = self._known(name)
+            if number not in entry.versions and action != "unpin":
+                raise NotFound(f"model {name!r} has no version {number} on disk")
+            if action == "load":
+                await self._cache.load(model_id, reload=True)
+            elif action == "unload":
+                await self._unload([model_id])
+            else:
+                routing = self._router.routing(name)
+                pins = routing.pinned | {number} if action == "pin" else routing.pinned - {number}
+                await self._save_routing(name, routing.with_pins(frozenset(pins)))
+                self._cache.pin(model_id, action == "pin")
+                if action == "pin":
+                    await self._cache.load(model_id, reload=False)
+        audit(who, action, name, number)
+
+    async def delete(self, name: str, version: str, who: str) -> None:
+        """Remove a version from disk after draining it; refused while routing names it."""
+        check_model_name(name)
+        number = _version_number(version)
+        async with self._exclusive(name):
+            entry = self._known(name)
+            if number not in entry.versions:
+                raise NotFound(f"model {name!r} has no version {number} on disk")
+            if number in self._router.routing(name).versions:
+                raise AlreadyExists(
+                    f"version {number} of {name!r} is named by its routing (alias, weight, "
+                    "shadow or pin): route traffic away from it first"
+                )
+            await self._unload([ModelId(name, number)])
+            gone = entry.path / f".deleted-{number}-{uuid.uuid4().hex[:8]}"
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, _retire, entry.path / str(number), gone)
+            await self.rescan(fresh=(name,))
+        audit(who, "delete", name, number)
+
+    def get_routing(self, name: str) -> dict[str, Any]:
+        check_model_name(name)
+        self._known(name)
+        return self._router.routing(name).to_json()
+
+    async def put_routing(self, name: str, doc: Any, who: str) -> dict[str, Any]:
+        """Replace a model's routing (aliases, weights, shadow); pins are kept."""
+        check_model_name(name)
+        async with self._exclusive(name):
+            await self.rescan(fresh=(name,))
+            entry = self._known(name)
+            routing = parse_routing(doc, self._router.routing(name).pinned)
+            missing = sorted((routing.versions - routing.pinned) - set(entry.versions))
+            if missing:
+                raise InvalidArgument(
+                    f"model {name!r} has no version {', '.join(map(str, missing))} on disk "
+                    f"(versions: {', '.join(map(str, entry.versions)) or 'none'})"
+                )
+            await self._save_routing(name, routing)
+        audit(who, "route", name, None, json.dumps(routing.to_json(), sort_keys=True))
+        return routing.to_json()
+
+    async def _save_routing(self, name: str, routing: Routing) -> None:
+        """Persist first, then apply: what serves is always what a restart would restore."""
+        async with self._store_lock:
+            routes = self._router.routes()
+            routes[name] = routing
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._store.save, routes
+            )
+            self._router.set_routing(name, routing)
+
     def _known(self, name: str) -> ModelEntry:
         """The model's entry; NotFound if the repository does not have it."""
         if name not in self._repository.names:
@@ -232,6 +477,42 @@ class AdminService:
             held.users -= 1
             if held.users == 0:
                 del self._locks[name]
+
+
+def audit(who: str, action: str, name: str, version: int | None, detail: str = "") -> None:
+    """One line per admin change: who (peer address), what, when (the log's time)."""
+    target = name if version is None else f"{name}:{version}"
+    _audit.info("admin %s %s by %s%s", action, target, who, f" ({detail})" if detail else "")
+
+
+def _version_number(text: str) -> int:
+    number = parse_version(text)
+    if number is None or number < 1:
+        raise InvalidArgument(f"invalid version {text[:40]!r}: a positive integer")
+    return number
+
+
+def _flush(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename the staged version into place (atomic), then make the rename durable."""
+    try:
+        os.rename(staging, final)
+    except OSError as exc:
+        if final.exists():
+            raise AlreadyExists(f"version directory {final.name} appeared meanwhile") from None
+        raise Unavailable(f"cannot publish the upload: {exc}") from None
+    fsync_directory(final.parent)
+
+
+def _retire(path: Path, gone: Path) -> None:
+    """Make a version disappear at once (rename), then delete its files."""
+    os.rename(path, gone)
+    fsync_directory(path.parent)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 @dataclass(slots=True)

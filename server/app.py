@@ -85,14 +85,17 @@ class App:
             self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us
         )
         self.metrics.queue_depths(self.service.queue_depths)
-        self.admin = AdminService(self.repository, self.cache, self.repository_pool)
+        self.admin = AdminService(
+            self.repository, self.cache, self.router, s, self.repository_pool, self.load_pool
+        )
         # runtimes' one-time start-up, so it is not counted as the first model's size
         await asyncio.get_running_loop().run_in_executor(self.load_pool, warm_up_all)
         names = self.repository.scan()
+        await self.admin.restore()
         log.info("model repository %s: %d models", s.model_repository, len(names))
 
         timeout = s.shutdown_timeout_s
-        rest = RestApi(self.service, s.max_request_bytes, self.admin)
+        rest = RestApi(self.service, s.max_request_bytes, self.admin, s.max_upload_bytes)
         rest_runner = web.ServerRunner(rest.server(access_log=None), shutdown_timeout=timeout)
         self.http_port = await self._serve_http(rest_runner, s.http_port)
         if s.metrics_port >= 0:
@@ -159,6 +162,8 @@ class App:
         if self._grpc is not None:
             tasks.append(self._grpc.stop(grace=timeout))
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.service is not None:
+            await self.service.close()  # shadow copies still running
         if self.cache is not None:
             await self.cache.close()
         self.run_pool.shutdown(wait=True, cancel_futures=True)

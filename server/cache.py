@@ -119,6 +119,7 @@ class ModelCache:
         self._load_pool = load_pool
         self._inline_run_us = inline_run_us
         self._slots: dict[ModelId, Slot] = {}
+        self._pins: set[ModelId] = set()  # pinned at run time (admin API), never evicted
         self._policy = POLICIES[settings.eviction_policy]
         self._budget_bytes = settings.max_loaded_bytes  # 0 = no limit
         self._budget_models = settings.max_loaded_models  # 0 = no limit
@@ -165,6 +166,18 @@ class ModelCache:
         servable.leases -= 1
         if servable.draining and servable.leases == 0:
             servable.idle.set()
+
+    def pin(self, model_id: ModelId, pinned: bool = True) -> None:
+        """Keep a version from eviction (or let it go again); it may not be loaded yet."""
+        if pinned:
+            self._pins.add(model_id)
+        else:
+            self._pins.discard(model_id)
+
+    def pinned(self, model_id: ModelId) -> bool:
+        slot = self._slots.get(model_id)
+        by_config = slot is not None and slot.servable is not None and slot.servable.pinned
+        return by_config or model_id in self._pins
 
     # -- state --------------------------------------------------------------------
 
@@ -355,6 +368,7 @@ class ModelCache:
             and slot.servable is not None
             and slot.servable.leases == 0
             and not slot.servable.pinned
+            and slot.servable.id not in self._pins
             and slot.loading is None  # not a version being reloaded (its old copy)
             and slot.waiters == 0  # not a copy its waiters are about to lease
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import sys
@@ -16,6 +17,7 @@ from server.config import Settings
 from server.eviction import POLICIES
 
 log = logging.getLogger("fleetserve")
+TOKEN_ENV = "FLEETSERVE_ADMIN_TOKEN"
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
@@ -93,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--repository-poll-secs", type=float, default=d.repository_poll_s,
         help="rescan the model repository this often (default 0: on index/load calls only)",
     )  # fmt: skip
+    serve.add_argument(
+        "--admin-token-file", type=Path, default=None,
+        help="file holding the admin API's bearer token (or set FLEETSERVE_ADMIN_TOKEN); "
+        "without one, the admin API and repository control answer loopback clients only",
+    )  # fmt: skip
+    serve.add_argument(
+        "--data-dir", type=Path, default=None,
+        help="where routing state is kept (default: MODEL_REPOSITORY/.fleetserve)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-upload-size", type=parse_size, default=d.max_upload_bytes,
+        help="largest model file the admin API accepts (default 4GiB)",
+    )  # fmt: skip
     serve.add_argument("--run-threads", type=int, default=d.run_threads, help="model run pool size")
     serve.add_argument("--load-threads", type=int, default=d.load_threads, help="parallel loads")
     serve.add_argument(
@@ -132,8 +147,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         intra_op_threads=args.intra_op_threads,
         inline_run_us=args.inline_run_us,
         shutdown_timeout_s=args.shutdown_timeout,
+        admin_token=admin_token(args.admin_token_file),
+        data_dir=args.data_dir,
+        max_upload_bytes=args.max_upload_size,
         log_level=args.log_level.upper(),
     )
+
+
+def admin_token(path: Path | None) -> str | None:
+    """The admin token from a file (stripped), else FLEETSERVE_ADMIN_TOKEN, else None."""
+    if path is not None:
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SystemExit(f"fleetserve: cannot read --admin-token-file {path}: {exc}") from None
+        if not token:
+            raise SystemExit(f"fleetserve: --admin-token-file {path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
 async def serve(settings: Settings) -> None:

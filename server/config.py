@@ -55,7 +55,17 @@ class Settings:
     dynamic_batching: bool = False
     # requests a batching model version may queue when its config sets no max_queue_size
     max_queue_size: int = 1024
+    # the admin API's bearer token; None: admin and repository control are loopback-only
+    admin_token: str | None = field(default=None, repr=False)
+    data_dir: Path | None = (
+        None  # routing state (and later feedback); None: <repository>/.fleetserve
+    )
+    max_upload_bytes: int = 4 * 1024**3  # largest model file the admin API takes
     log_level: str = "INFO"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir or self.model_repository / ".fleetserve"
 
 
 @dataclass(frozen=True, slots=True)

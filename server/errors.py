@@ -12,6 +12,7 @@ import enum
 class ErrorKind(enum.Enum):
     NOT_FOUND = "NOT_FOUND"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
     UNAVAILABLE = "UNAVAILABLE"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
@@ -44,6 +45,10 @@ class NotFound(ServerError):
 
 class InvalidArgument(ServerError):
     kind = ErrorKind.INVALID_ARGUMENT
+
+
+class AlreadyExists(ServerError):
+    kind = ErrorKind.ALREADY_EXISTS
 
 
 class Unavailable(ServerError):

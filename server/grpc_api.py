@@ -19,7 +19,7 @@ import grpc
 from protos import grpc_service_pb2 as pb
 from protos import health_pb2
 from protos import model_config_pb2 as mc
-from server.admin import AdminService, authorize
+from server.admin import AdminService
 from server.errors import ErrorKind, Internal, InvalidArgument, ServerError, Unimplemented
 from server.inference import InferenceService
 from server.proto_codec import decode_infer, encode_infer, from_json
@@ -33,6 +33,7 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 STATUS = {
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -146,12 +147,13 @@ class GrpcApi:
     # -- model repository extension (repository control: loopback-only for now) --------
 
     def _authorize(self, request: Any, context: Any) -> AdminService:
-        authorize(peer_address(context.peer()))
+        assert self._admin is not None
+        metadata = dict(context.invocation_metadata() or ())
+        self._admin.authorize(peer_address(context.peer()), metadata.get("authorization"))
         if request.repository_name:
             raise InvalidArgument(
                 "fleetserve serves one model repository: leave repository_name empty"
             )
-        assert self._admin is not None
         return self._admin
 
     @rpc

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
+
+import numpy as np
 
 from server.batcher import Batcher, run_error
 from server.cache import ModelCache, Servable
@@ -20,8 +24,12 @@ from server.metrics import OTHER, Metrics
 from server.repository import Repository
 from server.router import Router
 from server.stats import ModelStats
-from server.types import InferRequest, InferResponse, ModelState, RequestedOutput
+from server.types import InferRequest, InferResponse, ModelId, ModelState, RequestedOutput
 
+log = logging.getLogger(__name__)
+
+# shadow copies running at once; more are dropped (counted), never queued
+MAX_SHADOWS = 64
 SERVABLE_STATES = frozenset({ModelState.UNLOADED, ModelState.LOADING, ModelState.READY})
 SERVER_NAME = "fleetserve"
 SERVER_VERSION = "0.1.0"
@@ -51,6 +59,7 @@ class InferenceService:
         self._observe = metrics.requests.observe
         self._run_pool = run_pool
         self._inline_run_us = inline_run_us
+        self._shadows: set[asyncio.Task[None]] = set()
         self.ready = False  # set by the app once startup loading is done
 
     # -- inference ----------------------------------------------------------------
@@ -63,7 +72,8 @@ class InferenceService:
         model = version = OTHER
         outcome = "success"
         try:
-            model_id = self._router.resolve(req.model_name, req.model_version)
+            key = _routing_key(req.parameters) if req.parameters else None
+            model_id = self._router.resolve(req.model_name, req.model_version, key)
             model = model_id.name
             s = self._cache.lease(model_id) or await self._cache.acquire(model_id)
             version = s.version
@@ -94,12 +104,49 @@ class InferenceService:
                 self._cache.release(s)
             now = time.perf_counter_ns()
             s.stats.record_success(rows, now, now - int(started * 1e9))
+            shadow = self._router.shadow(model_id)
+            if shadow is not None:
+                self._start_shadow(req, shadow, s.id, outputs)
             return InferResponse(s.id.name, version, req.id, outputs, req.outputs)
         except ServerError as exc:
             outcome = exc.kind.value.lower()
             raise
         finally:
             self._observe((model, version, protocol, outcome), time.perf_counter() - started)
+
+    def _start_shadow(
+        self, req: InferRequest, target: ModelId, served: ModelId, outputs: dict
+    ) -> None:
+        """Send a copy of a served request to `target` in the background: its result is
+        compared and logged, never returned; past MAX_SHADOWS in flight it is dropped."""
+        if len(self._shadows) >= MAX_SHADOWS:
+            self._metrics.shadows.inc((target.name, str(target.version), "dropped"))
+            return
+        copy = replace(req, model_version=str(target.version), parameters={})
+        task = asyncio.get_running_loop().create_task(self._shadow(copy, served, outputs))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(self, req: InferRequest, served: ModelId, expected: dict) -> None:
+        labels = (req.model_name, req.model_version)
+        try:
+            got = (await self.infer(req, "shadow", time.perf_counter())).outputs
+        except ServerError as exc:
+            self._metrics.shadows.inc((*labels, "error"))
+            log.info("shadow %s:%s of %s (request %r) failed: %s", *labels, served,
+                     req.id, exc.message)  # fmt: skip
+            return
+        differs = _compare(expected, got)
+        self._metrics.shadows.inc((*labels, "differ" if differs else "match"))
+        log.info("shadow %s:%s of %s (request %r): %s", *labels, served, req.id,
+                 differs or "outputs match")  # fmt: skip
+
+    async def close(self) -> None:
+        """Cancel the shadow copies still running (server stop)."""
+        shadows = list(self._shadows)
+        for task in shadows:
+            task.cancel()
+        await asyncio.gather(*shadows, return_exceptions=True)
 
     def _batcher(self, s: Servable) -> Batcher:
         """The batching queue of a version, made on its first request."""
@@ -174,10 +221,9 @@ class InferenceService:
 
     async def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
         s = await self._servable(name, version)
-        entry = self._repository.entry(name)
         return {
             "name": name,
-            "versions": [str(v) for v in entry.servable],
+            "versions": [str(v) for v in self._router.servable(name)],
             "platform": s.config.platform,
             "inputs": [_tensor(t) for t in s.inputs.values()],
             "outputs": [_tensor(t) for t in s.outputs.values()],
@@ -215,6 +261,29 @@ def _stats(s: Servable) -> dict[str, Any]:
 
 def _tensor(spec: Any) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def _routing_key(parameters: dict[str, Any]) -> str | None:
+    """The "routing_key" parameter: requests with one key stick to one weighted version."""
+    key = parameters.get("routing_key")
+    if key is not None and (type(key) is not str or len(key) > 256):
+        raise InvalidArgument('parameter "routing_key" must be a string of at most 256 chars')
+    return key
+
+
+def _compare(expected: dict, got: dict) -> str:
+    """'' when a shadow's outputs equal the served ones, else how they differ."""
+    for name, want in expected.items():
+        have = got.get(name)
+        if have is None or have.shape != want.shape or have.dtype != want.dtype:
+            return f"output {name}: shape/dtype differ"
+        if want.dtype.kind in "fc":
+            diff = float(np.max(np.abs(have - want), initial=0.0))
+            if diff:
+                return f"output {name}: max abs diff {diff:.6g}"
+        elif not np.array_equal(have, want):
+            return f"output {name}: values differ"
+    return ""
 
 
 def _timeout(parameters: dict[str, Any]) -> float | None:

@@ -191,9 +191,15 @@ class Metrics:
             (*MODEL_LABELS, "reason"),
             max_models,
         )
+        self.shadows = Counts(
+            "fleetserve_shadow_requests",
+            "Shadow copies of requests by outcome (match, differ, error, dropped)",
+            (*MODEL_LABELS, "outcome"),
+            max_models,
+        )
         for collector in (
             self.requests, self.batch_size, self.queue_seconds, self.compute_seconds,
-            self.rejections,
+            self.rejections, self.shadows,
         ):  # fmt: skip
             r.register(collector)
         self.loads = Counter("fleetserve_model_loads", "Model version loads", registry=r)

@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from server.admin import AdminService, authorize
-from server.errors import ErrorKind, Internal, InvalidArgument, ServerError
+from server.admin import AdminService
+from server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
 from server.inference import InferenceService
 from server.json_codec import decode_request, encode_response, error_body
 from server.types import InferRequest
@@ -31,11 +31,13 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "rest"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+ROUTING_KEY_HEADER = "X-Routing-Key"
 JSON = "application/json"
 
 STATUS = {
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.INVALID_ARGUMENT: 400,
+    ErrorKind.ALREADY_EXISTS: 409,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.RESOURCE_EXHAUSTED: 507,
     ErrorKind.DEADLINE_EXCEEDED: 504,
@@ -49,6 +51,11 @@ MODEL_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z]+))?"
 )
 
+# /v2/admin/models[/{name}[/versions/{version}][/{action}]] (the admin API)
+ADMIN_PATH = re.compile(
+    r"/v2/admin/models(?:/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?:/(?P<action>[a-z]+))?)?"
+)
+
 # /v2/repository/models/{name}/{load|unload} (Triton's model repository extension)
 REPOSITORY_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>[a-z]+)")
 
@@ -59,6 +66,8 @@ def error_response(exc: ServerError) -> web.Response:
     headers = None
     if exc.kind is ErrorKind.UNAVAILABLE:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))}
+    elif exc.kind is ErrorKind.UNAUTHENTICATED:
+        headers = {"WWW-Authenticate": 'Bearer realm="fleetserve admin"'}
     return web.Response(
         status=STATUS[exc.kind], body=error_body(exc.message), content_type=JSON, headers=headers
     )
@@ -91,11 +100,13 @@ class RestApi:
         self,
         service: InferenceService,
         max_request_bytes: int,
-        admin: AdminService | None = None,  # None: no repository routes
+        admin: AdminService | None = None,  # None: no repository or admin routes
+        max_upload_bytes: int = 0,
     ) -> None:
         self._service = service
         self._admin = admin
         self._max_bytes = max_request_bytes
+        self._max_upload = max_upload_bytes
         # (method, path) -> handler, for the paths without parameters
         self._fixed: dict[tuple[str, str], Handler] = {
             ("GET", "/v2/health/live"): self.live,
@@ -152,6 +163,9 @@ class RestApi:
                 handler = self._repository.get((method, match["action"]))
                 if handler is not None:
                     return await handler(request, match["name"], None)
+            match = ADMIN_PATH.fullmatch(path)
+            if match is not None and self._admin is not None:
+                return await self.admin(request, match["name"], match["version"], match["action"])
         return web.Response(
             status=404, body=error_body(f"no route {method} {path[:200]}"), content_type=JSON
         )
@@ -194,7 +208,11 @@ class RestApi:
             raise InvalidArgument(
                 f"request body exceeds the limit of {self._max_bytes} bytes"
             ) from None
-        return decode_request(body, int(header) if header else None, name, version)
+        req = decode_request(body, int(header) if header else None, name, version)
+        key = request.headers.get(ROUTING_KEY_HEADER)
+        if key is not None:  # the header form of the "routing_key" parameter
+            req.parameters.setdefault("routing_key", key)
+        return req
 
     async def live(self, request: web.BaseRequest, *_: str | None) -> web.Response:
         return web.Response(status=200)
@@ -235,7 +253,7 @@ class RestApi:
 
     @endpoint
     async def repository_index(self, request: web.BaseRequest, *_: str | None) -> web.Response:
-        authorize(request.remote)
+        self._authorize(request)
         ready = (await self._json_body(request)).get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidArgument('"ready" must be a boolean')
@@ -245,7 +263,7 @@ class RestApi:
     async def repository_load(
         self, request: web.BaseRequest, name: str, *_: str | None
     ) -> web.Response:
-        authorize(request.remote)
+        self._authorize(request)
         parameters = (await self._json_body(request)).get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidArgument('"parameters" must be an object')
@@ -257,10 +275,72 @@ class RestApi:
         self, request: web.BaseRequest, name: str, *_: str | None
     ) -> web.Response:
         # {"parameters": {"unload_dependents": bool}} is accepted and ignored: no ensembles
-        authorize(request.remote)
+        self._authorize(request)
         await self._json_body(request)
         await self._admin.unload(name)  # type: ignore[union-attr]
         return web.Response(status=200)
+
+    # -- the admin API (bearer token, or loopback-only without one) ---------------------
+
+    def _authorize(self, request: web.BaseRequest) -> None:
+        self._admin.authorize(request.remote, request.headers.get("Authorization"))  # type: ignore[union-attr]
+
+    @endpoint
+    async def admin(
+        self, request: web.BaseRequest, name: str | None, version: str | None, action: str | None
+    ) -> web.Response:
+        """One handler for /v2/admin/...: authorize, then dispatch on method and shape."""
+        self._authorize(request)
+        admin, method = self._admin, request.method
+        assert admin is not None
+        who = request.remote or "unknown"
+        if name is None or (version is None and action is None):
+            if method != "GET":
+                raise NotFound(f"no route {method} {request.path[:200]}")
+            models = await admin.status(name)
+            return json_response({"models": models} if name is None else models[0])
+        if version is None:
+            if action == "routing" and method == "GET":
+                return json_response(admin.get_routing(name))
+            if action == "routing" and method == "PUT":
+                return json_response(
+                    await admin.put_routing(name, await self._json_doc(request), who)
+                )
+            if action == "config" and method == "PUT":
+                text = await self._text_body(request)
+                await admin.put_config(name, text, who)
+                return json_response({"name": name})
+        elif action is None and method == "PUT":
+            if request.content_length is not None and request.content_length > self._max_upload:
+                raise InvalidArgument(
+                    f"model file of {request.content_length} bytes exceeds the upload limit "
+                    f"of {self._max_upload} bytes"
+                )
+            doc = await admin.upload(name, version, request.content.iter_chunked(1 << 20), who)
+            return web.Response(status=201, body=orjson.dumps(doc), content_type=JSON)
+        elif action is None and method == "DELETE":
+            await admin.delete(name, version, who)
+            return json_response({})
+        elif action is not None and method == "POST":
+            await admin.version_action(name, version, action, who)
+            return json_response({})
+        raise NotFound(f"no route {method} {request.path[:200]}")
+
+    async def _text_body(self, request: web.BaseRequest) -> str:
+        try:
+            return (await request.read()).decode()
+        except web.HTTPRequestEntityTooLarge:
+            raise InvalidArgument(
+                f"request body exceeds the limit of {self._max_bytes} bytes"
+            ) from None
+        except UnicodeDecodeError:
+            raise InvalidArgument("the body must be UTF-8 text") from None
+
+    async def _json_doc(self, request: web.BaseRequest) -> object:
+        try:
+            return orjson.loads(await self._text_body(request) or "{}")
+        except orjson.JSONDecodeError as exc:
+            raise InvalidArgument(f"malformed JSON body: {exc}") from None
 
     async def _json_body(self, request: web.BaseRequest) -> dict:
         """The request's JSON object; {} for an empty body."""

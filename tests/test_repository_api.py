@@ -500,7 +500,8 @@ def test_grpc_peer_address(peer: str, address: str | None) -> None:
 
 def refusing_admin() -> AdminService:
     """An AdminService whose every use fails the test: a refused call must not reach it."""
-    return AdminService(mock.NonCallableMock(), mock.NonCallableMock(), mock.NonCallableMock())
+    nothing = mock.NonCallableMock
+    return AdminService(nothing(), nothing(), nothing(), Settings(), nothing(), nothing())
 
 
 @pytest.mark.parametrize(
@@ -516,7 +517,8 @@ def test_rest_repository_control_from_a_remote_peer_is_unauthenticated(path: str
     rest = RestApi(mock.NonCallableMock(), 1024, refusing_admin())
     response = asyncio.run(rest.dispatch(request))
     assert response.status == 401
-    assert "loopback-only until an admin token is configured" in json.loads(response.body)["error"]
+    assert "loopback-only" in json.loads(response.body)["error"]
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 @pytest.mark.parametrize(
@@ -536,6 +538,7 @@ def test_grpc_repository_control_from_a_remote_peer_is_unauthenticated(
 
     context = mock.Mock()
     context.peer.return_value = peer
+    context.invocation_metadata.return_value = ()
     context.abort = mock.AsyncMock(side_effect=Aborted)
     api = GrpcApi(mock.NonCallableMock(), refusing_admin())
     with pytest.raises(Aborted):
