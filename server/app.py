@@ -82,8 +82,9 @@ class App:
             lambda: cache.misses,
         )
         self.service = InferenceService(
-            self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us
-        )
+            self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us,
+            max_shadows=max(1, s.run_threads - 1),
+        )  # fmt: skip
         self.metrics.queue_depths(self.service.queue_depths)
         self.admin = AdminService(
             self.repository, self.cache, self.router, s, self.repository_pool, self.load_pool

@@ -28,8 +28,6 @@ from server.types import InferRequest, InferResponse, ModelId, ModelState, Reque
 
 log = logging.getLogger(__name__)
 
-# shadow copies running at once; more are dropped (counted), never queued
-MAX_SHADOWS = 64
 SERVABLE_STATES = frozenset({ModelState.UNLOADED, ModelState.LOADING, ModelState.READY})
 SERVER_NAME = "fleetserve"
 SERVER_VERSION = "0.1.0"
@@ -51,6 +49,7 @@ class InferenceService:
         metrics: Metrics,
         run_pool: ThreadPoolExecutor,
         inline_run_us: float,
+        max_shadows: int = 1,
     ) -> None:
         self._repository = repository
         self._router = router
@@ -60,6 +59,7 @@ class InferenceService:
         self._run_pool = run_pool
         self._inline_run_us = inline_run_us
         self._shadows: set[asyncio.Task[None]] = set()
+        self._max_shadows = max_shadows
         self.ready = False  # set by the app once startup loading is done
 
     # -- inference ----------------------------------------------------------------
@@ -118,8 +118,10 @@ class InferenceService:
         self, req: InferRequest, target: ModelId, served: ModelId, outputs: dict
     ) -> None:
         """Send a copy of a served request to `target` in the background: its result is
-        compared and logged, never returned; past MAX_SHADOWS in flight it is dropped."""
-        if len(self._shadows) >= MAX_SHADOWS:
+        compared and logged, never returned. At most `max_shadows` run at once (fewer than
+        the run threads, so a slow shadow version cannot take every thread from the
+        served traffic); more are dropped and counted, never queued."""
+        if len(self._shadows) >= self._max_shadows:
             self._metrics.shadows.inc((target.name, str(target.version), "dropped"))
             return
         copy = replace(req, model_version=str(target.version), parameters={})
