@@ -13,11 +13,11 @@ from pathlib import Path
 
 import uvloop
 
+from server.admin_client import TOKEN_ENV, add_admin_parser, run_admin
 from server.config import Settings
 from server.eviction import POLICIES
 
 log = logging.getLogger("fleetserve")
-TOKEN_ENV = "FLEETSERVE_ADMIN_TOKEN"
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to let in-flight requests finish on SIGTERM",
     )  # fmt: skip
     serve.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING, ERROR")
+    add_admin_parser(sub)
     return parser
 
 
@@ -186,6 +187,8 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        return run_admin(args)
     settings = settings_from_args(args)
     logging.basicConfig(
         level=settings.log_level,
