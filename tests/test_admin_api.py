@@ -368,3 +368,30 @@ def test_upload_switch_rollback_and_unload_under_load_lose_no_request(
     served = asyncio.run(main())
     assert not [k for k in served if k.startswith("error")], served
     assert served["2"] > 0 and served["3"] > 0
+
+
+def test_the_admin_cli_drives_the_real_server(
+    server: RunningServer, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    from server.cli import main
+
+    versioned(repo, "cli", (1,))
+    url = ["admin", "--url", server.http_url]
+    monkeypatch.setenv("FLEETSERVE_ADMIN_TOKEN", TOKEN)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(model_bytes(2.0))
+    with caplog.at_level("INFO", logger="fleetserve.audit"):
+        assert main([*url, "upload", "cli", "2", str(model)]) == 0
+        assert main([*url, "route", "cli", "--alias", "old=1", "--weight", "1=1"]) == 0
+    assert infer(server, "cli") == (200, "1", 1.0)
+    assert infer(server, "cli", "2") == (200, "2", 2.0)
+    audit = [r.getMessage() for r in caplog.records if r.name == "fleetserve.audit"]
+    assert audit[0] == f"admin upload cli:2 by 127.0.0.1 ({len(model_bytes(2.0))} bytes)"
+    assert audit[1].startswith("admin route cli by 127.0.0.1")
+    assert all(TOKEN not in line for line in audit)
+    monkeypatch.setenv("FLEETSERVE_ADMIN_TOKEN", "zz-not-it-zz")
+    capsys.readouterr()
+    assert main([*url, "status", "cli"]) == 1
+    err = capsys.readouterr().err
+    assert "admin token" in err and "zz-not-it-zz" not in err
