@@ -37,6 +37,7 @@ from server.metrics import Metrics
 from server.repository import Repository
 from server.stats import ModelStats
 from server.types import ModelId, ModelState, TensorSpec, datatype_of
+from server.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +417,7 @@ class ModelCache:
         full_in = {s.name: TensorSpec(s.name, s.datatype, batch + s.shape) for s in config.inputs}
         full_out = {s.name: TensorSpec(s.name, s.datatype, batch + s.shape) for s in config.outputs}
         run_us = _time_run(model, full_in.values())
+        warm_up(model_id, model, config, self._repository.root / model_id.name / "warmup")
         return Servable(
             id=model_id,
             config=config,
