@@ -11,9 +11,10 @@ import struct
 from math import prod
 
 import numpy as np
+import orjson
 
 from server.errors import InvalidArgument
-from server.types import DTYPES
+from server.types import DTYPES, datatype_of
 
 _U32 = struct.Struct("<I")
 
@@ -67,3 +68,26 @@ def bytes_of(array: np.ndarray) -> bytes:
 def byte_elements(array: np.ndarray) -> list[bytes]:
     """The elements of a BYTES tensor as bytes, whether numpy holds objects, S or U."""
     return [x.encode() if isinstance(x, str) else bytes(x) for x in array.ravel()]
+
+
+def pack_tensors(tensors: dict[str, np.ndarray]) -> bytes:
+    """Named tensors as one blob, losslessly: a u32 length, a JSON header of
+    [name, datatype, shape, byte count] per tensor, then each tensor's binary form."""
+    header, parts = [], []
+    for name, array in tensors.items():
+        raw = bytes_of(array)
+        header.append((name, datatype_of(array.dtype), array.shape, len(raw)))
+        parts.append(raw)
+    head = orjson.dumps(header)
+    return b"".join((_U32.pack(len(head)), head, *parts))
+
+
+def unpack_tensors(blob: bytes) -> dict[str, np.ndarray]:
+    """The inverse of `pack_tensors`."""
+    (length,) = _U32.unpack_from(blob, 0)
+    pos = 4 + length
+    out = {}
+    for name, datatype, shape, size in orjson.loads(blob[4:pos]):
+        out[name] = array_from_bytes(name, datatype, shape, blob[pos : pos + size])
+        pos += size
+    return out

@@ -118,3 +118,28 @@ class InferResponse:
     outputs: dict[str, np.ndarray]
     requested: list[RequestedOutput] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionRecord:
+    """One served prediction for the feedback sink: references to the request's and the
+    response's arrays (no copies; nothing mutates them after the response)."""
+
+    request_id: str
+    model: str
+    version: int
+    timestamp: float  # seconds since the epoch
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackRecord:
+    """Ground truth posted for a request id: a label, tensors, or both, and metadata."""
+
+    request_id: str
+    model: str
+    timestamp: float
+    label: Any = None  # a JSON scalar
+    truth: dict[str, np.ndarray] | None = None
+    metadata: dict[str, Any] | None = None

@@ -1,0 +1,161 @@
+"""Feedback sinks: where prediction and ground-truth records end up.
+
+A sink is chosen by name (`--feedback-sink`); the request path never sees it: records
+reach it in batches from the feedback log's one writer thread. The embedded default is
+SQLite in the data directory (why SQLite rather than segmented files: the export joins
+predictions with ground truth by request id and filters by model, version and time,
+which SQLite's indexes do for us; measured in docs/architecture.md).
+
+Contract: one thread calls `write`, `flush`, `retain` and `close`, in order. `write`
+adds a batch; `flush` makes everything written so far survive a crash of the process;
+`close` flushes and releases the sink.
+"""
+
+from __future__ import annotations
+
+import abc
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from server.tensors import pack_tensors
+from server.types import FeedbackRecord, PredictionRecord
+
+Record = PredictionRecord | FeedbackRecord
+DB_FILENAME = "feedback.sqlite3"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    ts REAL NOT NULL,            -- seconds since the epoch
+    inputs BLOB NOT NULL,        -- server.tensors.pack_tensors
+    outputs BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts);
+CREATE INDEX IF NOT EXISTS predictions_request ON predictions (model, request_id);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    ts REAL NOT NULL,
+    label TEXT,                  -- JSON scalar, or NULL
+    truth BLOB,                  -- pack_tensors, or NULL
+    metadata TEXT                -- JSON object, or NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_request ON feedback (model, request_id);
+CREATE INDEX IF NOT EXISTS feedback_ts ON feedback (ts);
+"""
+
+
+class Sink(abc.ABC):
+    @abc.abstractmethod
+    def write(self, records: Sequence[Record]) -> None:
+        """Add a batch of records (not yet durable)."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every record written so far survive a crash of the process."""
+
+    def retain(self, max_age_s: float, max_bytes: int) -> int:
+        """Drop records older than `max_age_s` or past `max_bytes` (0 = no limit),
+        oldest first; returns how many went."""
+        return 0
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and release."""
+
+
+class SqliteSink(Sink):
+    """SQLite in WAL mode: each flush is one transaction. With synchronous=NORMAL a
+    committed transaction survives the process being killed (the OS has it); `fsync`
+    (synchronous=FULL) also survives the machine losing power, at a cost per flush."""
+
+    def __init__(self, directory: Path, fsync: bool = False) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / DB_FILENAME
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes on a new file
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
+        self._db.executescript(SCHEMA)
+        self._open = False  # a transaction is open
+
+    def write(self, records: Sequence[Record]) -> None:
+        predictions = [
+            (r.request_id, r.model, r.version, r.timestamp, pack_tensors(r.inputs),
+             pack_tensors(r.outputs))
+            for r in records
+            if isinstance(r, PredictionRecord)
+        ]  # fmt: skip
+        feedback = [
+            (r.request_id, r.model, r.timestamp,
+             None if r.label is None else orjson.dumps(r.label).decode(),
+             None if r.truth is None else pack_tensors(r.truth),
+             None if r.metadata is None else orjson.dumps(r.metadata).decode())
+            for r in records
+            if isinstance(r, FeedbackRecord)
+        ]  # fmt: skip
+        if not self._open:
+            self._db.execute("BEGIN")
+            self._open = True
+        if predictions:
+            self._db.executemany(
+                "INSERT INTO predictions (request_id, model, version, ts, inputs, outputs) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                predictions,
+            )
+        if feedback:
+            self._db.executemany(
+                "INSERT INTO feedback (request_id, model, ts, label, truth, metadata) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                feedback,
+            )
+
+    def flush(self) -> None:
+        if self._open:
+            self._db.execute("COMMIT")
+            self._open = False
+
+    def retain(self, max_age_s: float, max_bytes: int) -> int:
+        self.flush()
+        gone = 0
+        if max_age_s:
+            cutoff = time.time() - max_age_s
+            for table in ("predictions", "feedback"):
+                gone += self._db.execute(f"DELETE FROM {table} WHERE ts < ?", (cutoff,)).rowcount
+        while max_bytes and self._size() > max_bytes:
+            # the oldest tenth of the predictions (and the ground truth as old) at a time
+            row = self._db.execute(
+                "SELECT id, ts FROM predictions ORDER BY id LIMIT 1 OFFSET "
+                "(SELECT count(*) / 10 FROM predictions)"
+            ).fetchone()
+            if row is None:
+                break
+            gone += self._db.execute("DELETE FROM predictions WHERE id <= ?", (row[0],)).rowcount
+            gone += self._db.execute("DELETE FROM feedback WHERE ts <= ?", (row[1],)).rowcount
+            self._db.execute("PRAGMA incremental_vacuum")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if gone:
+            self._db.execute("PRAGMA incremental_vacuum")
+        return gone
+
+    def _size(self) -> int:
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * self._db.execute("PRAGMA page_size").fetchone()[0]
+
+    def close(self) -> None:
+        self.flush()
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+
+
+# --feedback-sink name -> how to make it from the data directory and the fsync option
+SINKS = {"sqlite": SqliteSink}
