@@ -23,12 +23,14 @@ from server.admin import AdminService
 from server.cache import ModelCache
 from server.config import Settings
 from server.errors import ServerError
+from server.feedback import FeedbackLog
 from server.grpc_api import GrpcApi
 from server.inference import InferenceService
 from server.metrics import Metrics
 from server.repository import Repository
 from server.rest_api import RestApi, metrics_app
 from server.router import Router
+from server.sinks import SINKS
 from server.types import ModelId
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class App:
         self.cache: ModelCache | None = None
         self.service: InferenceService | None = None
         self.admin: AdminService | None = None
+        self.feedback: FeedbackLog | None = None
         self._poll: asyncio.Task[None] | None = None
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._runners: list[web.BaseRunner] = []
@@ -81,9 +84,10 @@ class App:
             "Requests that waited for their model to load (cold starts)",
             lambda: cache.misses,
         )
+        self.feedback = self._start_feedback()
         self.service = InferenceService(
             self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us,
-            max_shadows=max(1, s.run_threads - 1),
+            max_shadows=max(1, s.run_threads - 1), feedback=self.feedback,
         )  # fmt: skip
         self.metrics.queue_depths(self.service.queue_depths)
         self.admin = AdminService(
@@ -151,6 +155,19 @@ class App:
             if isinstance(result, BaseException) and not isinstance(result, ServerError):
                 log.error("model %s: unexpected load error", model_id, exc_info=result)
 
+    def _start_feedback(self) -> FeedbackLog | None:
+        """The feedback log, or None when it is off."""
+        s = self.settings
+        if s.feedback_sink == "none":
+            return None
+        sink = SINKS[s.feedback_sink]
+        log_ = FeedbackLog(
+            lambda: sink(s.state_dir, s.feedback_fsync), self.metrics, s.feedback_buffer,
+            s.feedback_flush_s, s.feedback_block, s.feedback_max_age_s, s.feedback_max_bytes,
+        )  # fmt: skip
+        log_.start()
+        return log_
+
     async def stop(self) -> None:
         """Graceful stop: refuse new work, finish in-flight requests, free everything."""
         timeout = self.settings.shutdown_timeout_s
@@ -165,6 +182,8 @@ class App:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.service is not None:
             await self.service.close()  # shadow copies still running
+        if self.feedback is not None:
+            await self.feedback.close(timeout)  # everything buffered is written
         if self.cache is not None:
             await self.cache.close()
         self.run_pool.shutdown(wait=True, cancel_futures=True)

@@ -55,6 +55,7 @@ class Servable:
     run_us: float  # measured time of one warm batch-1 run
     stats: ModelStats = field(default_factory=ModelStats)
     batching: BatchPolicy | None = None  # None: each request runs on its own
+    feedback_rate: float = 0.0  # share of its predictions sent to the feedback log
     batcher: Any = None  # its Batcher, made by the inference core on first use
     pinned: bool = False  # never evicted (config parameter "pinned")
     size_bytes: int = 0  # what it counts against the budget: measured, else estimated
@@ -428,6 +429,7 @@ class ModelCache:
             run_us=run_us if run_us is not None else float("nan"),
             pinned=config.parameters.get("pinned", "").lower() == "true",
             batching=config.batch_policy(settings.max_queue_size),
+            feedback_rate=config.feedback_rate(settings.feedback_sample_rate),
         )
 
     async def unload(self, model_id: ModelId) -> None:

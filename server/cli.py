@@ -16,6 +16,7 @@ import uvloop
 from server.admin_client import TOKEN_ENV, add_admin_parser, run_admin
 from server.config import Settings
 from server.eviction import POLICIES
+from server.sinks import SINKS
 
 log = logging.getLogger("fleetserve")
 
@@ -29,6 +30,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def parse_age(text: str) -> float:
+    """Durations: 3600, 90s, 45m, 12h, 7d."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 7d, 12h, 3600)")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
 
 
 def parse_size(text: str) -> int:
@@ -108,6 +118,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-upload-size", type=parse_size, default=d.max_upload_bytes,
         help="largest model file the admin API accepts (default 4GiB)",
     )  # fmt: skip
+    serve.add_argument(
+        "--feedback-sample-rate", type=float, default=d.feedback_sample_rate,
+        help="share of predictions logged to the feedback sink (0..1; a model's config "
+        'parameter "feedback_sample_rate" overrides it; default 0: off)',
+    )  # fmt: skip
+    serve.add_argument(
+        "--feedback-sink", choices=[*SINKS, "none"], default=d.feedback_sink,
+        help="where logged predictions and ground truth go (default sqlite, in --data-dir)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--feedback-flush-secs", type=float, default=d.feedback_flush_s,
+        help="the sink commits at least this often: at most this much is lost if the "
+        "process is killed (default 0.5)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--feedback-buffer", type=positive_int, default=d.feedback_buffer,
+        help="records buffered for the sink (default 10000)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--feedback-when-full", choices=("drop", "block"), default="drop",
+        help="a full buffer drops records (counted) or makes requests wait up to one "
+        "flush interval (default drop)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--feedback-fsync", action="store_true",
+        help="commit with fsync: survive power loss too, not only a killed process",
+    )  # fmt: skip
+    serve.add_argument(
+        "--feedback-retention", type=parse_age, default=d.feedback_max_age_s,
+        help="drop records older than this, e.g. 7d, 12h, 3600 (default: keep)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--feedback-max-size", type=parse_size, default=d.feedback_max_bytes,
+        help="drop the oldest records past this size, e.g. 10GiB (default: no limit)",
+    )  # fmt: skip
     serve.add_argument("--run-threads", type=int, default=d.run_threads, help="model run pool size")
     serve.add_argument("--load-threads", type=int, default=d.load_threads, help="parallel loads")
     serve.add_argument(
@@ -151,6 +196,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         admin_token=admin_token(args.admin_token_file),
         data_dir=args.data_dir,
         max_upload_bytes=args.max_upload_size,
+        feedback_sink=args.feedback_sink,
+        feedback_sample_rate=args.feedback_sample_rate,
+        feedback_buffer=args.feedback_buffer,
+        feedback_flush_s=args.feedback_flush_secs,
+        feedback_block=args.feedback_when_full == "block",
+        feedback_fsync=args.feedback_fsync,
+        feedback_max_age_s=args.feedback_retention,
+        feedback_max_bytes=args.feedback_max_size,
         log_level=args.log_level.upper(),
     )
 

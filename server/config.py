@@ -61,6 +61,16 @@ class Settings:
         None  # routing state (and later feedback); None: <repository>/.fleetserve
     )
     max_upload_bytes: int = 4 * 1024**3  # largest model file the admin API takes
+    # the feedback log: predictions sampled at this rate (a model's config parameter
+    # "feedback_sample_rate" overrides it) go through a bounded buffer to the sink
+    feedback_sink: str = "sqlite"  # sqlite | none
+    feedback_sample_rate: float = 0.0
+    feedback_buffer: int = 10_000  # records
+    feedback_flush_s: float = 0.5
+    feedback_block: bool = False  # a full buffer makes requests wait (at most a flush)
+    feedback_fsync: bool = False  # survive power loss too, not only a killed process
+    feedback_max_age_s: float = 0.0  # retention; 0 = keep
+    feedback_max_bytes: int = 0
     log_level: str = "INFO"
 
     @property
@@ -181,6 +191,22 @@ class ModelConfig:
             dynamic_batching=batching,
         )
         return replace(done, source=done.to_triton())
+
+    def feedback_rate(self, default: float) -> float:
+        """The share of predictions to log: parameter "feedback_sample_rate", else `default`."""
+        text = self.parameters.get("feedback_sample_rate")
+        if text is None:
+            return default
+        try:
+            rate = float(text)
+        except ValueError:
+            rate = -1.0
+        if not 0.0 <= rate <= 1.0:
+            raise InvalidArgument(
+                f"model {self.name!r}: feedback_sample_rate must be a number in 0..1, "
+                f"got {text[:40]!r}"
+            )
+        return rate
 
     def batch_policy(self, default_queue_size: int) -> BatchPolicy | None:
         """The batching of a completed config; None when the model does not batch.

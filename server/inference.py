@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -20,11 +22,20 @@ import numpy as np
 from server.batcher import Batcher, run_error
 from server.cache import ModelCache, Servable
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServerError, Unavailable
+from server.feedback import FeedbackLog
 from server.metrics import OTHER, Metrics
 from server.repository import Repository
 from server.router import Router
 from server.stats import ModelStats
-from server.types import InferRequest, InferResponse, ModelId, ModelState, RequestedOutput
+from server.types import (
+    FeedbackRecord,
+    InferRequest,
+    InferResponse,
+    ModelId,
+    ModelState,
+    PredictionRecord,
+    RequestedOutput,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,7 @@ class InferenceService:
         run_pool: ThreadPoolExecutor,
         inline_run_us: float,
         max_shadows: int = 1,
+        feedback: FeedbackLog | None = None,
     ) -> None:
         self._repository = repository
         self._router = router
@@ -60,6 +72,7 @@ class InferenceService:
         self._inline_run_us = inline_run_us
         self._shadows: set[asyncio.Task[None]] = set()
         self._max_shadows = max_shadows
+        self._feedback = feedback
         self.ready = False  # set by the app once startup loading is done
 
     # -- inference ----------------------------------------------------------------
@@ -82,6 +95,7 @@ class InferenceService:
                 rows = _check_inputs(s, req)
                 names = _output_names(s, req.outputs) if req.outputs else None
                 timeout = _timeout(req.parameters) if req.parameters else None
+                log_it = self._feedback is not None and _sampled(s.feedback_rate, req.parameters)
                 batcher = s.batcher
                 if batcher is None and s.batching is not None:
                     batcher = self._batcher(s)
@@ -104,10 +118,18 @@ class InferenceService:
                 self._cache.release(s)
             now = time.perf_counter_ns()
             s.stats.record_success(rows, now, now - int(started * 1e9))
+            request_id = req.id
+            if log_it:
+                request_id = request_id or uuid.uuid4().hex  # returned, to post feedback with
+                record = PredictionRecord(
+                    request_id, model, model_id.version, time.time(), req.inputs, outputs
+                )
+                if not self._feedback.offer(record):  # type: ignore[union-attr]
+                    await self._feedback.record(record)  # type: ignore[union-attr]
             shadow = self._router.shadow(model_id)
             if shadow is not None:
-                self._start_shadow(req, shadow, s.id, outputs)
-            return InferResponse(s.id.name, version, req.id, outputs, req.outputs)
+                self._start_shadow(replace(req, id=request_id), shadow, s.id, outputs)
+            return InferResponse(s.id.name, version, request_id, outputs, req.outputs)
         except ServerError as exc:
             outcome = exc.kind.value.lower()
             raise
@@ -188,6 +210,14 @@ class InferenceService:
             if s.batcher is not None
         }
 
+    def post_feedback(self, record: FeedbackRecord) -> None:
+        """Ground truth for a request id (joined with its prediction at export)."""
+        self.check_model(record.model)
+        if self._feedback is None:
+            raise Unavailable("the feedback log is off (--feedback-sink none)")
+        if not self._feedback.offer(record):
+            raise Unavailable("the feedback log is full: retry shortly", retry_after=1)
+
     def reject(self, protocol: str, exc: ServerError, started: float) -> None:
         """Count a request the edge could not decode."""
         self._observe(
@@ -263,6 +293,16 @@ def _stats(s: Servable) -> dict[str, Any]:
 
 def _tensor(spec: Any) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def _sampled(rate: float, parameters: dict[str, Any]) -> bool:
+    """Log this prediction? The "log_prediction" parameter decides, else the model's rate."""
+    flag = parameters.get("log_prediction") if parameters else None
+    if flag is not None:
+        if type(flag) is not bool:
+            raise InvalidArgument('parameter "log_prediction" must be true or false')
+        return flag
+    return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
 
 
 def _routing_key(parameters: dict[str, Any]) -> str | None:

@@ -6,6 +6,7 @@ the REST edge stays a thin translation.
 
 from __future__ import annotations
 
+import time
 from math import prod
 from typing import Any
 
@@ -14,7 +15,14 @@ import orjson
 
 from server.errors import InvalidArgument
 from server.tensors import array_from_bytes, byte_elements, bytes_of
-from server.types import DTYPES, InferRequest, InferResponse, RequestedOutput, datatype_of
+from server.types import (
+    DTYPES,
+    FeedbackRecord,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    datatype_of,
+)
 
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -86,6 +94,49 @@ def decode_request(
     return InferRequest(
         model_name, model_version, inputs, datatypes, request_id, parameters, outputs
     )
+
+
+MAX_METADATA_BYTES = 64 * 1024
+
+
+def decode_feedback(body: bytes, model_name: str) -> FeedbackRecord:
+    """Ground truth for a request id: {"id", "label"?, "truth": [tensors]?, "metadata"?}."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"malformed JSON in feedback body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("feedback body must be a JSON object")
+    unknown = set(doc) - {"id", "label", "truth", "metadata"}
+    if unknown:
+        raise InvalidArgument(f"unknown feedback field(s): {', '.join(sorted(unknown))[:200]}")
+    request_id = doc.get("id")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 256:
+        raise InvalidArgument("feedback needs the request's 'id' (a string of 1..256 chars)")
+    label = doc.get("label")
+    if label is not None and (
+        type(label) not in (str, int, float, bool) or (type(label) is str and len(label) > 4096)
+    ):
+        raise InvalidArgument("'label' must be a string (up to 4096 chars), number or boolean")
+    truth = None
+    if doc.get("truth") is not None:
+        if not isinstance(doc["truth"], list) or not doc["truth"]:
+            raise InvalidArgument("'truth' must be a non-empty list of tensors")
+        truth = {}
+        for item in doc["truth"]:
+            name, datatype, shape, _ = _tensor_header(item, "truth tensor")
+            if "data" not in item:
+                raise InvalidArgument(f"truth tensor {name!r} has no 'data'")
+            truth[name] = _array_from_json(name, datatype, shape, item["data"])
+    if label is None and truth is None:
+        raise InvalidArgument("feedback needs a 'label' or 'truth' (or both)")
+    metadata = doc.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise InvalidArgument("'metadata' must be a JSON object")
+        if len(orjson.dumps(metadata)) > MAX_METADATA_BYTES:
+            raise InvalidArgument(f"'metadata' is limited to {MAX_METADATA_BYTES} bytes of JSON")
+    return FeedbackRecord(request_id, model_name, time.time(), label, truth, metadata)
 
 
 def _dict(value: Any, what: str) -> dict:

@@ -191,6 +191,12 @@ class Metrics:
             (*MODEL_LABELS, "reason"),
             max_models,
         )
+        self.feedback_seconds = Histogram(
+            "fleetserve_feedback_write_duration_seconds",
+            "Time the feedback sink took to write and commit one batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.shadows = Counts(
             "fleetserve_shadow_requests",
             "Shadow copies of requests by outcome (match, differ, error, dropped)",
@@ -223,6 +229,15 @@ class Metrics:
         self.evictions = Counter(
             "fleetserve_model_evictions", "Idle versions unloaded to make room", registry=r
         )
+
+    def feedback_depth(self, read: Callable[[], float]) -> None:
+        """Export the feedback buffer's depth (read at scrape time)."""
+        gauge = Gauge(
+            "fleetserve_feedback_buffer_depth",
+            "Records waiting for the feedback sink",
+            registry=self.registry,
+        )
+        gauge.set_function(read)
 
     def queue_depths(self, read: Callable[[], dict[Key, int]]) -> None:
         """Export the queue depth of every batching version (read at scrape time)."""

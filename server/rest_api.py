@@ -24,7 +24,7 @@ from aiohttp import web
 from server.admin import AdminService
 from server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
 from server.inference import InferenceService
-from server.json_codec import decode_request, encode_response, error_body
+from server.json_codec import decode_feedback, decode_request, encode_response, error_body
 from server.types import InferRequest
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PROTOCOL = "rest"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ROUTING_KEY_HEADER = "X-Routing-Key"
+REQUEST_ID_HEADER = "X-Request-Id"
 JSON = "application/json"
 
 STATUS = {
@@ -122,6 +123,7 @@ class RestApi:
             ("GET", "ready"): self.model_ready,
             ("GET", "config"): self.model_config,
             ("GET", "stats"): self.statistics,
+            ("POST", "feedback"): self.feedback,
         }
         # (method, action) -> handler, for /v2/repository/models/{name}/{action}
         self._repository: dict[tuple[str, str], Handler] = {}
@@ -188,13 +190,12 @@ class RestApi:
         except Exception:
             log.exception("unhandled error in infer")
             return error_response(Internal("internal server error"))
+        headers = {REQUEST_ID_HEADER: resp.id} if resp.id else None
         if header_length is None:
-            return web.Response(body=payload, content_type=JSON)
-        return web.Response(
-            body=payload,
-            content_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(header_length)},
-        )
+            return web.Response(body=payload, content_type=JSON, headers=headers)
+        headers = headers or {}
+        headers[HEADER_LENGTH] = str(header_length)
+        return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
 
     async def _decode(
         self, request: web.BaseRequest, name: str, version: str | None
@@ -242,6 +243,21 @@ class RestApi:
         self, request: web.BaseRequest, name: str, version: str | None
     ) -> web.Response:
         return json_response(await self._service.model_config(name, version))
+
+    @endpoint
+    async def feedback(
+        self, request: web.BaseRequest, name: str, version: str | None
+    ) -> web.Response:
+        """Ground truth for an earlier prediction, by its request id."""
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise InvalidArgument(
+                f"request body exceeds the limit of {self._max_bytes} bytes"
+            ) from None
+        record = decode_feedback(body, name)
+        self._service.post_feedback(record)
+        return json_response({"id": record.request_id})
 
     @endpoint
     async def statistics(

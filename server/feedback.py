@@ -1,0 +1,173 @@
+"""The feedback log: prediction and ground-truth records -> bounded buffer -> sink.
+
+The request path only appends a record (references to its arrays, no copies) to a
+bounded buffer: a length check and a deque append. One background task wakes every
+`flush_s` seconds, or as soon as a batch is full, and hands what is buffered to the
+sink on a thread of its own (one writer, so the sink needs no locks). What a flush
+commits survives a crash of the process, so an acknowledged prediction is lost only
+if the process dies within `flush_s` of it; a graceful stop writes everything.
+
+A full buffer (the sink is behind) applies the policy: `drop` counts the record as
+dropped and warns (at most once a minute), `block` makes the request wait for room,
+at most `flush_s` seconds, then drops. Either way memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from server.metrics import Metrics
+from server.sinks import Record, Sink
+
+log = logging.getLogger(__name__)
+
+BATCH = 2048  # records per sink write; a full batch wakes the writer early
+RETAIN_EVERY_S = 60.0
+WARN_EVERY_S = 60.0
+
+
+class FeedbackLog:
+    def __init__(
+        self,
+        make_sink: Callable[[], Sink],  # called on the writer thread
+        metrics: Metrics,
+        capacity: int,
+        flush_s: float,
+        block: bool = False,
+        max_age_s: float = 0.0,
+        max_bytes: int = 0,
+    ) -> None:
+        self._make_sink = make_sink
+        self._metrics = metrics
+        self._capacity = capacity
+        self._flush_s = flush_s
+        self._block = block
+        self._max_age_s, self._max_bytes = max_age_s, max_bytes
+        self._buffer: deque[Record] = deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="feedback")
+        self._sink: Sink | None = None
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._warned = 0.0
+        self.enqueued = self.written = self.dropped = 0
+        metrics.count_from("fleetserve_feedback_enqueued", "Records buffered for the sink",
+                           lambda: self.enqueued)  # fmt: skip
+        metrics.count_from("fleetserve_feedback_written", "Records the sink committed",
+                           lambda: self.written)  # fmt: skip
+        metrics.count_from("fleetserve_feedback_dropped", "Records dropped: the buffer was full",
+                           lambda: self.dropped)  # fmt: skip
+        metrics.feedback_depth(lambda: len(self._buffer))
+
+    def start(self) -> None:
+        """Start the writer; the sink opens with the first record (no file until then)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- the request path -------------------------------------------------------------
+
+    def offer(self, record: Record) -> bool:
+        """Buffer a record; False (nothing buffered) when the buffer is full."""
+        buffer = self._buffer
+        if len(buffer) >= self._capacity:
+            return False
+        buffer.append(record)
+        self.enqueued += 1
+        if len(buffer) >= BATCH:
+            self._wake.set()
+        return True
+
+    async def record(self, record: Record) -> None:
+        """A prediction from the request path: buffered, or the policy applies."""
+        if self.offer(record):
+            return
+        if self._block:
+            deadline = time.monotonic() + self._flush_s
+            while (left := deadline - time.monotonic()) > 0:
+                self._room.clear()
+                self._wake.set()
+                try:
+                    await asyncio.wait_for(self._room.wait(), left)
+                except TimeoutError:
+                    break
+                if self.offer(record):
+                    return
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._warned > WARN_EVERY_S:
+            self._warned = now
+            log.warning(
+                "feedback buffer full (%d records): the sink is behind; dropping records "
+                "(counted in fleetserve_feedback_dropped_total)", self._capacity,
+            )  # fmt: skip
+
+    @property
+    def depth(self) -> int:
+        return len(self._buffer)
+
+    # -- the writer -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        retained = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._flush_s)
+            self._wake.clear()
+            await self._write_all()
+            due = time.monotonic() - retained > RETAIN_EVERY_S
+            if (self._max_age_s or self._max_bytes) and due:
+                retained = time.monotonic()
+                await self._in_writer(self._retain)
+
+    async def _write_all(self) -> None:
+        """Everything buffered now, in batches; each batch committed before the next."""
+        while self._buffer:
+            n = min(len(self._buffer), BATCH)
+            batch = [self._buffer.popleft() for _ in range(n)]
+            self._room.set()
+            started = time.perf_counter()
+            if await self._in_writer(self._write, batch):
+                self._metrics.feedback_seconds.observe(time.perf_counter() - started)
+                self.written += n
+            else:  # that batch is lost
+                self.dropped += n
+
+    def _write(self, batch: list[Record]) -> None:
+        if self._sink is None:
+            self._sink = self._make_sink()
+        self._sink.write(batch)
+        self._sink.flush()
+
+    def _retain(self) -> None:
+        if self._sink is None:
+            return
+        gone = self._sink.retain(self._max_age_s, self._max_bytes)
+        if gone:
+            log.info("feedback retention removed %d records", gone)
+
+    async def _in_writer(self, fn: Callable[..., object], *args: object) -> bool:
+        """Run on the writer thread; a failing sink is logged, never fatal."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except Exception:
+            log.exception("feedback sink failed")
+            return False
+        return True
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop the writer, write what is buffered (bounded by `timeout_s`), close."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._write_all(), timeout_s)
+        except TimeoutError:
+            log.warning("feedback: %d records not written at shutdown", len(self._buffer))
+        if self._sink is not None:
+            await self._in_writer(self._sink.close)
+        self._pool.shutdown(wait=True)
