@@ -61,6 +61,8 @@ GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 FLEETSERVE_TARGETS: dict[str, list[str]] = {
     "fleetserve": ["--no-dynamic-batching"],
     "fleetserve-batched": ["--dynamic-batching"],
+    # every prediction logged to the feedback sink (SQLite in a temporary data dir)
+    "fleetserve-logged": ["--no-dynamic-batching", "--feedback-sample-rate", "1"],
 }
 TARGETS = (*FLEETSERVE_TARGETS, "baseline")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -773,6 +775,8 @@ class Runner:
             str(grpc_port),
             "--metrics-port",
             str(metrics),
+            "--data-dir",
+            str(self.work / f"data-{target}"),
             *shlex.split(self.a.fleetserve_args),
             *FLEETSERVE_TARGETS[target],
         ]
@@ -1280,6 +1284,8 @@ def main(argv: list[str] | None = None) -> int:
     print_ratios("fleetserve / baseline", rs)
     rs_batched = ratios(runner.results, "fleetserve-batched", "fleetserve")
     print_ratios("fleetserve-batched / fleetserve", rs_batched)
+    rs_logged = ratios(runner.results, "fleetserve-logged", "fleetserve")
+    print_ratios("fleetserve-logged / fleetserve", rs_logged)
     noisy = [r for r in runner.results if not r.failed and r.other_cpu_pct > 10]
     if noisy:
         print(
@@ -1317,6 +1323,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": [asdict(r) for r in runner.results],
         "ratios_fleetserve_over_baseline": rs,
         "ratios_fleetserve_batched_over_fleetserve": rs_batched,
+        "ratios_fleetserve_logged_over_fleetserve": rs_logged,
     }
     out = Path(a.out) if a.out else HERE / "out" / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import uvloop
 from server.admin_client import TOKEN_ENV, add_admin_parser, run_admin
 from server.config import Settings
 from server.eviction import POLICIES
+from server.feedback_export import add_feedback_parser, run_feedback
 from server.sinks import SINKS
 
 log = logging.getLogger("fleetserve")
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--log-level", default=d.log_level, help="DEBUG, INFO, WARNING, ERROR")
     add_admin_parser(sub)
+    add_feedback_parser(sub)
     return parser
 
 
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "admin":
         return run_admin(args)
+    if args.command == "feedback":
+        return run_feedback(args)
     settings = settings_from_args(args)
     logging.basicConfig(
         level=settings.log_level,

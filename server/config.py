@@ -20,7 +20,7 @@ from google.protobuf import text_format
 from loaders.base import LoadOptions
 from protos import model_config_pb2
 from server.errors import InvalidArgument
-from server.types import DTYPES, TensorSpec
+from server.types import DEFAULT_DATA_DIR, DTYPES, TensorSpec
 
 CONFIG_FILENAME = "config.pbtxt"
 
@@ -75,7 +75,7 @@ class Settings:
 
     @property
     def state_dir(self) -> Path:
-        return self.data_dir or self.model_repository / ".fleetserve"
+        return self.data_dir or self.model_repository / DEFAULT_DATA_DIR
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from server.tensors import pack_tensors
 from server.types import FeedbackRecord, PredictionRecord
 
 Record = PredictionRecord | FeedbackRecord
+ROWS_PER_INSERT = 1000  # at most: 6000 parameters (SQLite's limit is 32766 since 3.32)
 DB_FILENAME = "feedback.sqlite3"
 
 SCHEMA = """
@@ -86,6 +87,8 @@ class SqliteSink(Sink):
         self._db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
         self._db.executescript(SCHEMA)
         self._open = False  # a transaction is open
+        limit = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        self._rows_per_insert = max(1, min(ROWS_PER_INSERT, limit // 6))
 
     def write(self, records: Sequence[Record]) -> None:
         predictions = [
@@ -105,17 +108,20 @@ class SqliteSink(Sink):
         if not self._open:
             self._db.execute("BEGIN")
             self._open = True
-        if predictions:
-            self._db.executemany(
-                "INSERT INTO predictions (request_id, model, version, ts, inputs, outputs) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                predictions,
-            )
-        if feedback:
-            self._db.executemany(
-                "INSERT INTO feedback (request_id, model, ts, label, truth, metadata) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                feedback,
+        self._insert("predictions (request_id, model, version, ts, inputs, outputs)", predictions)
+        self._insert("feedback (request_id, model, ts, label, truth, metadata)", feedback)
+
+    def _insert(self, into: str, rows: list[tuple]) -> None:
+        """Many rows per INSERT statement. Python's sqlite3 lets go of the GIL around
+        every statement step, and `executemany` steps once per row: with the event loop
+        busy, each of those hand-offs waits for the loop to let go of the GIL again. One
+        multi-row statement per chunk of rows makes that a hand-off per chunk."""
+        step = self._rows_per_insert
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
+            self._db.execute(
+                f"INSERT INTO {into} VALUES {values}", [v for row in chunk for v in row]
             )
 
     def flush(self) -> None:

@@ -31,6 +31,10 @@ DTYPES: dict[str, np.dtype] = {
 DATATYPES: dict[np.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 
+# the server's state (routing, feedback) lives here under the model repository by default
+DEFAULT_DATA_DIR = ".fleetserve"
+
+
 def datatype_of(dtype: np.dtype) -> str:
     """The V2 datatype name of a numpy dtype (numpy string dtypes count as BYTES)."""
     name = DATATYPES.get(dtype)
