@@ -118,26 +118,29 @@ class FeedbackLog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_s)
             self._wake.clear()
-            await self._write_all()
+            # what is buffered now, then sleep again: draining until empty would chase
+            # the requests with tiny batches, a commit and a thread hop for a handful each
+            await self._write(len(self._buffer))
             due = time.monotonic() - retained > RETAIN_EVERY_S
             if (self._max_age_s or self._max_bytes) and due:
                 retained = time.monotonic()
                 await self._in_writer(self._retain)
 
-    async def _write_all(self) -> None:
-        """Everything buffered now, in batches; each batch committed before the next."""
-        while self._buffer:
-            n = min(len(self._buffer), BATCH)
+    async def _write(self, count: int) -> None:
+        """The oldest `count` records, in batches; each committed before the next."""
+        while count > 0 and self._buffer:
+            n = min(len(self._buffer), BATCH, count)
+            count -= n
             batch = [self._buffer.popleft() for _ in range(n)]
             self._room.set()
             started = time.perf_counter()
-            if await self._in_writer(self._write, batch):
+            if await self._in_writer(self._commit, batch):
                 self._metrics.feedback_seconds.observe(time.perf_counter() - started)
                 self.written += n
             else:  # that batch is lost
                 self.dropped += n
 
-    def _write(self, batch: list[Record]) -> None:
+    def _commit(self, batch: list[Record]) -> None:
         if self._sink is None:
             self._sink = self._make_sink()
         self._sink.write(batch)
@@ -165,7 +168,8 @@ class FeedbackLog:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
-            await asyncio.wait_for(self._write_all(), timeout_s)
+            while self._buffer:
+                await asyncio.wait_for(self._write(len(self._buffer)), timeout_s)
         except TimeoutError:
             log.warning("feedback: %d records not written at shutdown", len(self._buffer))
         if self._sink is not None:
