@@ -25,7 +25,8 @@ from server.tensors import pack_tensors
 from server.types import FeedbackRecord, PredictionRecord
 
 Record = PredictionRecord | FeedbackRecord
-ROWS_PER_INSERT = 1000  # at most: 6000 parameters (SQLite's limit is 32766 since 3.32)
+# records per INSERT statement, and per slice of GIL-holding work (~0.4 ms) in `write`
+ROWS_PER_INSERT = 128
 DB_FILENAME = "feedback.sqlite3"
 
 SCHEMA = """
@@ -91,37 +92,40 @@ class SqliteSink(Sink):
         self._rows_per_insert = max(1, min(ROWS_PER_INSERT, limit // 6))
 
     def write(self, records: Sequence[Record]) -> None:
-        predictions = [
-            (r.request_id, r.model, r.version, r.timestamp, pack_tensors(r.inputs),
-             pack_tensors(r.outputs))
-            for r in records
-            if isinstance(r, PredictionRecord)
-        ]  # fmt: skip
-        feedback = [
-            (r.request_id, r.model, r.timestamp,
-             None if r.label is None else orjson.dumps(r.label).decode(),
-             None if r.truth is None else pack_tensors(r.truth),
-             None if r.metadata is None else orjson.dumps(r.metadata).decode())
-            for r in records
-            if isinstance(r, FeedbackRecord)
-        ]  # fmt: skip
         if not self._open:
             self._db.execute("BEGIN")
             self._open = True
-        self._insert("predictions (request_id, model, version, ts, inputs, outputs)", predictions)
-        self._insert("feedback (request_id, model, ts, label, truth, metadata)", feedback)
+        # in slices, letting go of the GIL between them: packing and binding hold it, and
+        # the event loop must not wait for a whole batch (measured: p99 x40 at c=1)
+        for start in range(0, len(records), self._rows_per_insert):
+            chunk = records[start : start + self._rows_per_insert]
+            predictions = [
+                (r.request_id, r.model, r.version, r.timestamp, pack_tensors(r.inputs),
+                 pack_tensors(r.outputs))
+                for r in chunk
+                if isinstance(r, PredictionRecord)
+            ]  # fmt: skip
+            feedback = [
+                (r.request_id, r.model, r.timestamp,
+                 None if r.label is None else orjson.dumps(r.label).decode(),
+                 None if r.truth is None else pack_tensors(r.truth),
+                 None if r.metadata is None else orjson.dumps(r.metadata).decode())
+                for r in chunk
+                if isinstance(r, FeedbackRecord)
+            ]  # fmt: skip
+            self._insert("predictions (request_id, model, version, ts, inputs, outputs)",
+                         predictions)  # fmt: skip
+            self._insert("feedback (request_id, model, ts, label, truth, metadata)", feedback)
+            time.sleep(0)
 
     def _insert(self, into: str, rows: list[tuple]) -> None:
-        """Many rows per INSERT statement. Python's sqlite3 lets go of the GIL around
-        every statement step, and `executemany` steps once per row: with the event loop
-        busy, each of those hand-offs waits for the loop to let go of the GIL again. One
-        multi-row statement per chunk of rows makes that a hand-off per chunk."""
-        step = self._rows_per_insert
-        for start in range(0, len(rows), step):
-            chunk = rows[start : start + step]
-            values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
+        """One multi-row INSERT. Python's sqlite3 lets go of the GIL around every
+        statement step, and `executemany` steps once per row: with the event loop busy,
+        each of those hand-offs waits for the loop to let go of the GIL again."""
+        if rows:
+            values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(rows))
             self._db.execute(
-                f"INSERT INTO {into} VALUES {values}", [v for row in chunk for v in row]
+                f"INSERT INTO {into} VALUES {values}", [v for row in rows for v in row]
             )
 
     def flush(self) -> None:
