@@ -33,6 +33,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be within 0..1, got {text}")
+    return value
+
+
 def parse_age(text: str) -> float:
     """Durations: 3600, 90s, 45m, 12h, 7d."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", text)
@@ -120,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest model file the admin API accepts (default 4GiB)",
     )  # fmt: skip
     serve.add_argument(
-        "--feedback-sample-rate", type=float, default=d.feedback_sample_rate,
+        "--feedback-sample-rate", type=fraction, default=d.feedback_sample_rate,
         help="share of predictions logged to the feedback sink (0..1; a model's config "
         'parameter "feedback_sample_rate" overrides it; default 0: off)',
     )  # fmt: skip
@@ -129,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where logged predictions and ground truth go (default sqlite, in --data-dir)",
     )  # fmt: skip
     serve.add_argument(
-        "--feedback-flush-secs", type=float, default=d.feedback_flush_s,
+        "--feedback-flush-secs", type=positive_float, default=d.feedback_flush_s,
         help="the sink commits at least this often: at most this much is lost if the "
         "process is killed (default 0.5)",
     )  # fmt: skip

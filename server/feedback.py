@@ -56,12 +56,18 @@ class FeedbackLog:
         self._room = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._warned = 0.0
+        self._closing = False
+        # wake the writer early once this many wait (a small buffer must not sit full)
+        self._wake_at = min(BATCH, max(1, capacity // 2))
+        if flush_s <= 0:
+            raise ValueError("the feedback flush interval must be positive")
         self.enqueued = self.written = self.dropped = 0
         metrics.count_from("fleetserve_feedback_enqueued", "Records buffered for the sink",
                            lambda: self.enqueued)  # fmt: skip
         metrics.count_from("fleetserve_feedback_written", "Records the sink committed",
                            lambda: self.written)  # fmt: skip
-        metrics.count_from("fleetserve_feedback_dropped", "Records dropped: the buffer was full",
+        metrics.count_from("fleetserve_feedback_dropped",
+                           "Records dropped: the buffer was full, or the sink failed",
                            lambda: self.dropped)  # fmt: skip
         metrics.feedback_depth(lambda: len(self._buffer))
 
@@ -78,7 +84,7 @@ class FeedbackLog:
             return False
         buffer.append(record)
         self.enqueued += 1
-        if len(buffer) >= BATCH:
+        if len(buffer) >= self._wake_at:
             self._wake.set()
         return True
 
@@ -114,7 +120,7 @@ class FeedbackLog:
 
     async def _run(self) -> None:
         retained = time.monotonic()
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_s)
             self._wake.clear()
@@ -122,9 +128,11 @@ class FeedbackLog:
             # the requests with tiny batches, a commit and a thread hop for a handful each
             await self._write(len(self._buffer))
             due = time.monotonic() - retained > RETAIN_EVERY_S
-            if (self._max_age_s or self._max_bytes) and due:
+            if (self._max_age_s or self._max_bytes) and due and not self._closing:
                 retained = time.monotonic()
                 await self._in_writer(self._retain)
+        while self._buffer:  # closing: everything
+            await self._write(len(self._buffer))
 
     async def _write(self, count: int) -> None:
         """The oldest `count` records, in batches; each committed before the next."""
@@ -154,24 +162,39 @@ class FeedbackLog:
             log.info("feedback retention removed %d records", gone)
 
     async def _in_writer(self, fn: Callable[..., object], *args: object) -> bool:
-        """Run on the writer thread; a failing sink is logged, never fatal."""
+        """Run on the writer thread; a failing sink is logged, never fatal. Shielded: a
+        job that started always finishes (its batch is already off the buffer)."""
+        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("feedback sink failed")
             return False
         return True
 
-    async def close(self, timeout_s: float) -> None:
-        """Stop the writer, write what is buffered (bounded by `timeout_s`), close."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        try:
-            while self._buffer:
-                await asyncio.wait_for(self._write(len(self._buffer)), timeout_s)
-        except TimeoutError:
-            log.warning("feedback: %d records not written at shutdown", len(self._buffer))
+    def _close_sink(self) -> None:
         if self._sink is not None:
-            await self._in_writer(self._sink.close)
-        self._pool.shutdown(wait=True)
+            self._sink.close()
+
+    async def close(self, timeout_s: float) -> None:
+        """Write everything buffered and close the sink, all within `timeout_s`; what is
+        left then is counted as dropped and logged."""
+        self._closing = True
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            if self._task is not None:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            await asyncio.wait_for(self._in_writer(self._close_sink), deadline - loop.time())
+        except TimeoutError:
+            self.dropped += len(self._buffer)
+            log.warning(
+                "feedback: the sink did not finish within %.0fs at shutdown; %d buffered "
+                "records not written", timeout_s, len(self._buffer),
+            )  # fmt: skip
+            if self._task is not None:
+                self._task.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)

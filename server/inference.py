@@ -151,7 +151,13 @@ class InferenceService:
         if len(self._shadows) >= self._max_shadows:
             self._metrics.shadows.inc((target.name, str(target.version), "dropped"))
             return
-        copy = replace(req, model_version=str(target.version), parameters={})
+        # the copy is logged as the served request was asked to be (never without an id,
+        # which the client could not post its ground truth for)
+        flag = req.parameters.get("log_prediction") if req.parameters else None
+        if not req.id:
+            flag = False
+        params = {} if flag is None else {"log_prediction": flag}
+        copy = replace(req, model_version=str(target.version), parameters=params)
         task = asyncio.get_running_loop().create_task(self._shadow(copy, served, outputs))
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)

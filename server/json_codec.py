@@ -89,8 +89,10 @@ def decode_request(
             raise InvalidArgument("'outputs' must be a list")
         outputs = [_requested_output(o) for o in raw_outputs]
     request_id = doc.get("id", "")
-    if not isinstance(request_id, str):
-        raise InvalidArgument("'id' must be a string")
+    if not isinstance(request_id, str) or len(request_id) > 256:
+        raise InvalidArgument("'id' must be a string of at most 256 characters")
+    if not request_id.isprintable():  # it goes back in a header (X-Request-Id)
+        raise InvalidArgument("'id' must not hold control characters")
     return InferRequest(
         model_name, model_version, inputs, datatypes, request_id, parameters, outputs
     )

@@ -27,6 +27,7 @@ import tritonclient.grpc as grpcclient
 from loaders import testing
 from server.sinks import DB_FILENAME, SINKS, SqliteSink
 from server.tensors import unpack_tensors
+from server.types import PredictionRecord
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import WAIT_S, mlp_input
 from tests.test_shutdown import ServerProcess
@@ -331,3 +332,98 @@ def test_feedback_metrics_are_exported(server: RunningServer) -> None:
         time.sleep(0.01)
     assert metric(server, "fleetserve_feedback_enqueued_total") >= 1
     assert metric(server, "fleetserve_feedback_write_duration_seconds_count") >= 1
+
+
+# -- edge cases found in review ------------------------------------------------------
+
+
+def test_a_failed_batch_leaves_nothing_behind_for_the_next_commit(tmp_path: Path) -> None:
+    sink = SqliteSink(tmp_path)
+    x = {"INPUT0": np.zeros((1, 2), np.float32)}
+    good = [PredictionRecord(f"ok{i}", "m", 1, 1.0, x, x) for i in range(200)]
+    # the second slice holds a record the sink cannot encode (complex numbers)
+    bad = [*good[:150], PredictionRecord("bad", "m", 1, 1.0, {"X": np.zeros(2, np.complex64)}, x)]
+    with pytest.raises(ValueError):
+        sink.write(bad)
+    sink.write(good[:3])
+    sink.flush()
+    sink.close()
+    assert [r[1] for r in rows(tmp_path)] == ["ok0", "ok1", "ok2"]
+
+
+def test_a_small_buffer_wakes_the_writer_before_the_flush_interval(
+    repo: Path, tmp_path: Path
+) -> None:
+    running = start_server(
+        test_settings(repo, preload=False, data_dir=tmp_path, feedback_buffer=4,
+                      feedback_flush_s=3600.0)
+    )  # fmt: skip
+    try:
+        for i in range(2):
+            assert infer(running.http_url, "logged", mlp_input(1, i), id=f"w{i}")[0] == 200
+        assert [r[1] for r in wait_rows(tmp_path, 2)] == ["w0", "w1"]
+    finally:
+        stop_server(running)
+
+
+def test_a_stop_is_bounded_even_when_the_sink_hangs(repo: Path, tmp_path: Path) -> None:
+    SINKS["stalled"] = StalledSink
+    StalledSink.release.clear()
+    running = start_server(
+        test_settings(repo, preload=False, data_dir=tmp_path, feedback_sink="stalled",
+                      feedback_flush_s=0.01, shutdown_timeout_s=1)
+    )  # fmt: skip
+    try:
+        for i in range(5):
+            assert infer(running.http_url, "logged", mlp_input(1, i))[0] == 200
+        started = time.monotonic()
+        stop_server(running)
+        assert time.monotonic() - started < WAIT_S / 2  # the sink would hold it for WAIT_S
+    finally:
+        StalledSink.release.set()
+        del SINKS["stalled"]
+
+
+@pytest.mark.parametrize(
+    ("request_id", "problem"), [("a\nb", "control characters"), ("x" * 257, "256")]
+)
+def test_a_request_id_that_cannot_go_back_in_a_header_is_400(
+    server: RunningServer, request_id: str, problem: str
+) -> None:
+    status, _, reply = infer(server.http_url, "logged", mlp_input(1, 0), id=request_id)
+    assert status == 400 and problem in reply["error"]
+
+
+def test_a_shadow_copy_is_logged_as_its_request_asked(repo: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    for v in (1, 2):
+        testing.write_model(root, "canary", testing.mlp(seed=v), version=v, config=LOGGED)
+    running = start_server(test_settings(root, preload=False, data_dir=tmp_path / "data",
+                                         feedback_flush_s=0.02))  # fmt: skip
+    try:
+        shadow = {"shadow": {"version": 1, "fraction": 1.0}}
+        url = f"{running.http_url}/v2/admin/models/canary/routing"
+        request = urllib.request.Request(url, data=json.dumps(shadow).encode(), method="PUT")
+        with urllib.request.urlopen(request, timeout=WAIT_S) as reply:
+            assert reply.status == 200
+        base = running.http_url
+        assert infer(base, "canary", mlp_input(1, 0), id="secret",
+                     parameters={"log_prediction": False})[0] == 200  # fmt: skip
+        # one copy runs at a time: let the first (which loads version 1) finish
+        deadline = time.monotonic() + WAIT_S
+        while (
+            metric(
+                running,
+                'fleetserve_shadow_requests_total{model="canary",outcome="differ",version="1"}',
+            )
+            < 1
+        ):
+            assert time.monotonic() < deadline, "the first shadow copy never finished"
+            time.sleep(0.01)
+        assert infer(base, "canary", mlp_input(1, 1), id="both")[0] == 200
+        wait_rows(tmp_path / "data", 2)
+        time.sleep(0.1)  # five flush intervals: nothing else may appear
+        found = rows(tmp_path / "data")
+        assert sorted((r[1], r[3]) for r in found) == [("both", 1), ("both", 2)]
+    finally:
+        stop_server(running)
