@@ -88,6 +88,7 @@ class App:
         self.service = InferenceService(
             self.repository, self.router, self.cache, self.metrics, self.run_pool, inline_us,
             max_shadows=max(1, s.run_threads - 1), feedback=self.feedback,
+            max_pending=s.max_queue_size,
         )  # fmt: skip
         self.metrics.queue_depths(self.service.queue_depths)
         self.admin = AdminService(

@@ -64,6 +64,7 @@ class Servable:
     load_seconds: float = 0.0
     last_used: int = 0  # the cache's use counter at its last lease (for eviction)
     leases: int = 0  # requests using it now
+    pending: int = 0  # unbatched requests submitted to the run pool and not finished
     draining: bool = False  # no new leases; `idle` is set when the last one is released
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     version: str = field(init=False)  # the version as the protocol spells it

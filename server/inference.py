@@ -63,6 +63,7 @@ class InferenceService:
         inline_run_us: float,
         max_shadows: int = 1,
         feedback: FeedbackLog | None = None,
+        max_pending: int = 1024,
     ) -> None:
         self._repository = repository
         self._router = router
@@ -74,6 +75,7 @@ class InferenceService:
         self._shadows: set[asyncio.Task[None]] = set()
         self._max_shadows = max_shadows
         self._feedback = feedback
+        self._max_pending = max_pending
         # generated request ids: unique per process (64 random bits) + a counter; cheaper
         # than uuid4 (a syscall each)
         prefix, counter = os.urandom(8).hex(), itertools.count(1)
@@ -203,15 +205,28 @@ class InferenceService:
     async def _run_in_pool(
         self, s: Servable, inputs: dict, names: list[str] | None, deadline: float | None
     ) -> dict:
-        """Run in the pool; a cancelled caller leaves the model leased until the run ends."""
+        """Run in the pool; a cancelled caller leaves the model leased until the run ends.
+
+        A version that does not batch has no queue of its own, but its requests waiting
+        for a run thread are bounded as a batching queue is: past `max_pending` the
+        request is refused at once (503 / UNAVAILABLE), never queued without limit."""
+        if s.pending >= self._max_pending:
+            self._metrics.rejections.inc((s.id.name, s.version, "queue_full"))
+            raise Unavailable(
+                f"model {s.id}: {s.pending} requests already waiting for a run thread",
+                retry_after=1,
+            )
         loop = asyncio.get_running_loop()
         future = self._run_pool.submit(_run_before, deadline, s.model.run, inputs, names)
+        s.pending += 1
         try:
             return await asyncio.wrap_future(future, loop=loop)
         except asyncio.CancelledError:
             self._cache.hold(s)
             future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._cache.release, s))
             raise
+        finally:
+            s.pending -= 1
 
     def queue_depths(self) -> dict[tuple[str, ...], int]:
         """Requests waiting per batching version (for the queue-depth gauge)."""

@@ -429,3 +429,37 @@ def test_a_model_with_queued_requests_is_in_use_and_never_evicted(tmp_path: Path
         asyncio.run(main())
     finally:
         stop_server(running)
+
+
+def test_a_model_that_does_not_batch_refuses_past_its_bound_instead_of_queueing(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "models"
+    testing.write_model(root, "plain", testing.mlp(seed=5), config="max_batch_size: 8\n")
+    running = start_server(test_settings(root, inline_run_us=0.0, max_queue_size=2, run_threads=2))
+    gate = Gate(running.app.cache.servable(ModelId("plain", 1)).model)  # type: ignore[union-attr]
+    running.app.cache.servable(ModelId("plain", 1)).model = gate  # type: ignore[union-attr]
+    try:
+
+        async def main() -> None:
+            client = httpclient.InferenceServerClient(running.http)
+            try:
+                held = [
+                    asyncio.ensure_future(client.infer("plain", [rest_input(mlp_input(1, s))]))
+                    for s in (1, 2)
+                ]
+                await started(gate, 2)  # both run threads are held by the gate
+                with pytest.raises(InferenceServerException, match="waiting for a run thread") as e:
+                    await client.infer("plain", [rest_input(mlp_input(1, 3))])
+                assert e.value.status() == "503"
+                gate.open()
+                for reply in await asyncio.gather(*held):
+                    assert reply.as_numpy("OUTPUT0").shape == (1, 4)
+            finally:
+                gate.open()
+                await client.close()
+
+        asyncio.run(main())
+    finally:
+        gate.open()
+        stop_server(running)
