@@ -17,7 +17,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Collection
@@ -38,9 +37,10 @@ from server.errors import (
     Unauthenticated,
     Unavailable,
 )
+from server.files import flush_file, publish, retire, write_atomically
 from server.repository import ModelEntry, Repository, Snapshot, check_model_name
 from server.router import Router
-from server.routing import Routing, RoutingStore, fsync_directory, parse_routing, write_atomically
+from server.routing import Routing, RoutingStore, parse_routing
 from server.types import ModelId, ModelState
 from server.versions import parse_version
 
@@ -330,7 +330,7 @@ class AdminService:
                 path = staging / filename
                 await loop.run_in_executor(self._load_pool, self._trial_load, name, path)
                 await loop.run_in_executor(
-                    self._executor, _publish, staging, model_dir / str(number)
+                    self._executor, publish, staging, model_dir / str(number)
                 )
             finally:
                 await loop.run_in_executor(self._executor, shutil.rmtree, staging, True)
@@ -351,7 +351,7 @@ class AdminService:
                 await loop.run_in_executor(self._executor, f.write, chunk)
             if size == 0:
                 raise InvalidArgument("empty model file")
-            await loop.run_in_executor(self._executor, _flush, f)
+            await loop.run_in_executor(self._executor, flush_file, f)
         finally:
             await loop.run_in_executor(self._executor, f.close)
         return size
@@ -423,7 +423,7 @@ class AdminService:
             await self._unload([ModelId(name, number)])
             gone = entry.path / f".deleted-{number}-{uuid.uuid4().hex[:8]}"
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, _retire, entry.path / str(number), gone)
+            await loop.run_in_executor(self._executor, retire, entry.path / str(number), gone)
             await self.rescan(fresh=(name,))
         audit(who, "delete", name, number)
 
@@ -490,29 +490,6 @@ def _version_number(text: str) -> int:
     if number is None or number < 1:
         raise InvalidArgument(f"invalid version {text[:40]!r}: a positive integer")
     return number
-
-
-def _flush(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _publish(staging: Path, final: Path) -> None:
-    """Rename the staged version into place (atomic), then make the rename durable."""
-    try:
-        os.rename(staging, final)
-    except OSError as exc:
-        if final.exists():
-            raise AlreadyExists(f"version directory {final.name} appeared meanwhile") from None
-        raise Unavailable(f"cannot publish the upload: {exc}") from None
-    fsync_directory(final.parent)
-
-
-def _retire(path: Path, gone: Path) -> None:
-    """Make a version disappear at once (rename), then delete its files."""
-    os.rename(path, gone)
-    fsync_directory(path.parent)
-    shutil.rmtree(gone, ignore_errors=True)
 
 
 @dataclass(slots=True)
