@@ -139,7 +139,11 @@ class FeedbackLog:
         while count > 0 and self._buffer:
             n = min(len(self._buffer), BATCH, count)
             count -= n
-            batch = [self._buffer.popleft() for _ in range(n)]
+            if n == len(self._buffer):  # the usual case: take it all at C speed
+                batch = list(self._buffer)
+                self._buffer.clear()
+            else:
+                batch = [self._buffer.popleft() for _ in range(n)]
             self._room.set()
             started = time.perf_counter()
             if await self._in_writer(self._commit, batch):
