@@ -14,6 +14,7 @@ adds a batch; `flush` makes everything written so far survive a crash of the pro
 from __future__ import annotations
 
 import abc
+import logging
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import orjson
 from server.tensors import pack_tensors
 from server.types import FeedbackRecord, PredictionRecord
 
+log = logging.getLogger(__name__)
 Record = PredictionRecord | FeedbackRecord
 # records per INSERT statement, and per slice of GIL-holding work (~0.4 ms) in `write`
 ROWS_PER_INSERT = 128
@@ -84,7 +86,13 @@ class SqliteSink(Sink):
         self.path = directory / DB_FILENAME
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes on a new file
-        self._db.execute("PRAGMA journal_mode = WAL")
+        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":  # e.g. a filesystem without shared memory
+            log.warning(
+                "feedback sink %s: journal mode %s, not WAL: exports block the writer",
+                self.path,
+                mode,
+            )
         self._db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
         self._db.executescript(SCHEMA)
         limit = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
