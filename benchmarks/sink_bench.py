@@ -45,7 +45,7 @@ class SegmentFiles:
     def write(self, records: list[PredictionRecord]) -> None:
         for r in records:
             head = f"{r.request_id}\t{r.model}\t{r.version}\t{r.timestamp}".encode()
-            a, b = pack_tensors(r.inputs), pack_tensors(r.outputs)
+            a, b = r.inputs, r.outputs
             self._f.write(struct.pack("<III", len(head), len(a), len(b)) + head + a + b)
         if self._f.tell() > SEGMENT_BYTES:
             self._f.close()
@@ -82,8 +82,9 @@ def main() -> int:
     x = rng.standard_normal((1, 16)).astype(np.float32)
     y = rng.standard_normal((1, 4)).astype(np.float32)
     now = time.time()
+    inputs, outputs = pack_tensors({"INPUT0": x}), pack_tensors({"OUTPUT0": y})
     records = [
-        PredictionRecord(f"{i:032x}", "mlp", 1, now + i * 1e-4, {"INPUT0": x}, {"OUTPUT0": y})
+        PredictionRecord(f"{i:032x}", "mlp", 1, now + i * 1e-4, inputs, outputs)
         for i in range(a.records)
     ]
     for name, make in (

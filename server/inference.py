@@ -28,6 +28,7 @@ from server.metrics import OTHER, Metrics
 from server.repository import Repository
 from server.router import Router
 from server.stats import ModelStats
+from server.tensors import pack_tensors
 from server.types import (
     FeedbackRecord,
     InferRequest,
@@ -128,9 +129,12 @@ class InferenceService:
             request_id = req.id
             if log_it:
                 request_id = request_id or self._new_id()  # returned, to post feedback with
+                # packed here, on the loop: measured cheaper overall than keeping the
+                # arrays alive until the writer packs them (cache misses, GIL contention)
                 record = PredictionRecord(
-                    request_id, model, model_id.version, time.time(), req.inputs, outputs
-                )
+                    request_id, model, model_id.version, time.time(),
+                    pack_tensors(req.inputs), pack_tensors(outputs),
+                )  # fmt: skip
                 if not self._feedback.offer(record):  # type: ignore[union-attr]
                     await self._feedback.record(record)  # type: ignore[union-attr]
             shadow = self._router.shadow(model_id)

@@ -117,8 +117,7 @@ class SqliteSink(Sink):
         for start in range(0, len(records), self._rows_per_insert):
             chunk = records[start : start + self._rows_per_insert]
             predictions = [
-                (r.request_id, r.model, r.version, r.timestamp, pack_tensors(r.inputs),
-                 pack_tensors(r.outputs))
+                (r.request_id, r.model, r.version, r.timestamp, r.inputs, r.outputs)
                 for r in chunk
                 if isinstance(r, PredictionRecord)
             ]  # fmt: skip

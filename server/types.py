@@ -126,15 +126,16 @@ class InferResponse:
 
 @dataclass(frozen=True, slots=True)
 class PredictionRecord:
-    """One served prediction for the feedback sink: references to the request's and the
-    response's arrays (no copies; nothing mutates them after the response)."""
+    """One served prediction for the feedback sink, its tensors already packed
+    (`server.tensors.pack_tensors`): a record keeps its own few hundred bytes alive while
+    it waits for the sink, not the request's and response's arrays and buffers."""
 
     request_id: str
     model: str
     version: int
     timestamp: float  # seconds since the epoch
-    inputs: dict[str, np.ndarray]
-    outputs: dict[str, np.ndarray]
+    inputs: bytes
+    outputs: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ import tritonclient.grpc as grpcclient
 
 from loaders import testing
 from server.sinks import DB_FILENAME, SINKS, SqliteSink
-from server.tensors import unpack_tensors
+from server.tensors import pack_tensors, unpack_tensors
 from server.types import PredictionRecord
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import WAIT_S, mlp_input
@@ -340,10 +340,11 @@ def test_feedback_metrics_are_exported(server: RunningServer) -> None:
 def test_a_failed_batch_leaves_nothing_behind_for_the_next_commit(tmp_path: Path) -> None:
     sink = SqliteSink(tmp_path)
     x = {"INPUT0": np.zeros((1, 2), np.float32)}
-    good = [PredictionRecord(f"ok{i}", "m", 1, 1.0, x, x) for i in range(200)]
-    # the second slice holds a record the sink cannot encode (complex numbers)
-    bad = [*good[:150], PredictionRecord("bad", "m", 1, 1.0, {"X": np.zeros(2, np.complex64)}, x)]
-    with pytest.raises(ValueError):
+    blob = pack_tensors(x)
+    good = [PredictionRecord(f"ok{i}", "m", 1, 1.0, blob, blob) for i in range(200)]
+    # the second slice holds a record SQLite cannot store (not bytes)
+    bad = [*good[:150], PredictionRecord("bad", "m", 1, 1.0, object(), blob)]  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.Error):
         sink.write(bad)
     sink.write(good[:3])
     sink.flush()

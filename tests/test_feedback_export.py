@@ -33,6 +33,7 @@ from server.feedback_export import (
     run_feedback,
 )
 from server.sinks import SqliteSink
+from server.tensors import pack_tensors
 from server.types import DTYPES, FeedbackRecord, PredictionRecord
 
 
@@ -64,9 +65,13 @@ EVERY_TYPE = {
 def prediction(
     rid: str, ts: float, version: int = 1, model: str = "m", x: float = 0.0
 ) -> PredictionRecord:
-    return PredictionRecord(
-        rid, model, version, ts, {"x": np.array([x], np.float32)}, {"y": np.array([2 * x])}
-    )
+    return record(rid, model, version, ts, {"x": np.array([x], np.float32)},
+                  {"y": np.array([2 * x])})  # fmt: skip
+
+
+def record(rid: str, model: str, version: int, ts: float, inputs: dict, outputs: dict) -> Any:
+    """A prediction as the server records it: tensors packed."""
+    return PredictionRecord(rid, model, version, ts, pack_tensors(inputs), pack_tensors(outputs))
 
 
 def make_db(directory: Path, *batches: Sequence[Any]) -> Path:
@@ -108,7 +113,7 @@ def test_every_datatype_round_trips(tmp_path: Path) -> None:
     db = make_db(
         tmp_path,
         [
-            PredictionRecord("r1", "m", 3, 1000.5, EVERY_TYPE, {"out": EVERY_TYPE["fp32"]}),
+            record("r1", "m", 3, 1000.5, EVERY_TYPE, {"out": EVERY_TYPE["fp32"]}),
             FeedbackRecord("r1", "m", 1001.25, label="cat", truth=truth, metadata={"who": "qa"}),
         ],
     )
@@ -227,7 +232,7 @@ def test_parquet_has_the_jsonl_content(tmp_path: Path) -> None:
     records: list[Any] = [
         prediction(f"r{i}", float(i), version=1 + i % 2, x=i / 7) for i in range(n)
     ]
-    records.append(PredictionRecord("all", "m", 1, n + 0.5, EVERY_TYPE, EVERY_TYPE))
+    records.append(record("all", "m", 1, n + 0.5, EVERY_TYPE, EVERY_TYPE))
     records += [FeedbackRecord(f"r{i}", "m", 1e4 + i, label=i) for i in range(0, n, 3)]
     records.append(FeedbackRecord("all", "m", 2e4, label="x", truth=EVERY_TYPE, metadata={}))
     db = make_db(tmp_path, records)
@@ -265,9 +270,9 @@ def big_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sink = SqliteSink(tmp_path_factory.mktemp("big"))
     for start in range(0, 20_000, 1000):
         sink.write([
-            PredictionRecord(f"r{i}", "m", 1, float(i),
-                             {"x": rng.standard_normal((1, 256), np.float32)},
-                             {"y": rng.standard_normal((1, 8), np.float32)})
+            record(f"r{i}", "m", 1, float(i),
+                   {"x": rng.standard_normal((1, 256), np.float32)},
+                   {"y": rng.standard_normal((1, 8), np.float32)})
             for i in range(start, start + 1000)
         ])  # fmt: skip
         sink.flush()
