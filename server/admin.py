@@ -75,17 +75,30 @@ def is_loopback(address: str | None) -> bool:
     return ip.is_loopback
 
 
-def authorize(token: str | None, address: str | None, authorization: str | None) -> None:
+def authorize(
+    token: str | None,
+    address: str | None,
+    authorization: str | None,
+    host: str | None = None,
+    origin: str | None = None,
+) -> None:
     """The access rule for the admin API and repository control, for both edges.
 
     With a token configured, every caller must send `Authorization: Bearer <token>`
     (compared in constant time); without one, only loopback peers pass (secure by
-    default). Unauthenticated out.
+    default), and over HTTP only when the Host is a loopback name and no Origin is sent:
+    a web page the operator opens must not reach the API (CSRF, DNS rebinding).
+    Unauthenticated out.
     """
     if token is None:
         if not is_loopback(address):
             raise Unauthenticated(
                 "the admin API is loopback-only: the server has no admin token configured"
+            )
+        if origin is not None or (host is not None and not _loopback_host(host)):
+            raise Unauthenticated(
+                "the admin API without a token answers local clients only (no browser "
+                "Origin, a loopback Host)"
             )
         return
     scheme, _, given = (authorization or "").partition(" ")
@@ -93,6 +106,17 @@ def authorize(token: str | None, address: str | None, authorization: str | None)
         given.strip().encode(), token.encode()
     ):
         raise Unauthenticated("missing or wrong admin token (Authorization: Bearer <token>)")
+
+
+def _loopback_host(host: str) -> bool:
+    """A Host header naming this machine's loopback: localhost, 127.x, [::1] (port aside)."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")]
+    elif host.count(":") == 1:
+        name = host.split(":", 1)[0]
+    else:
+        name = host  # a bare name, or a bare IPv6 address
+    return name.lower() == "localhost" or is_loopback(name)
 
 
 class AdminService:
@@ -116,8 +140,14 @@ class AdminService:
         self._store_lock = asyncio.Lock()  # routing writes, in order
         self._locks: dict[str, _Held] = {}  # one change of a model at a time
 
-    def authorize(self, address: str | None, authorization: str | None) -> None:
-        authorize(self._token, address, authorization)
+    def authorize(
+        self,
+        address: str | None,
+        authorization: str | None,
+        host: str | None = None,
+        origin: str | None = None,
+    ) -> None:
+        authorize(self._token, address, authorization, host, origin)
 
     async def restore(self) -> None:
         """Routing and pins as the last run left them (server start)."""
@@ -205,7 +235,7 @@ class AdminService:
 
     # -- load and unload ------------------------------------------------------------
 
-    async def load(self, name: str, parameters: Collection[str] = ()) -> None:
+    async def load(self, name: str, parameters: Collection[str] = (), who: str = "") -> None:
         """Load (or reload, when loaded) every servable version of a model.
 
         Rescans first, so a directory added since is found. Triton's load parameters
@@ -249,8 +279,9 @@ class AdminService:
                 and state in ACTIVE
             ]  # fmt: skip
             await self._unload(stale)
+        audit(who or "unknown", "repository load", name, None)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, who: str = "") -> None:
         """Unload every loaded version of a model, letting its requests finish (drain).
 
         Idempotent: a model that is not loaded is a success. Unknown model: NotFound.
@@ -264,6 +295,7 @@ class AdminService:
                 i.name == name and s in ACTIVE for i, (s, _) in self._cache.states().items()
             ):
                 self._repository.forget(name)  # only if the last rescan did not list it
+        audit(who or "unknown", "repository unload", name, None)
 
     async def _unload(self, ids: list[ModelId]) -> None:
         async def one(model_id: ModelId) -> None:
@@ -325,6 +357,9 @@ class AdminService:
                         if entry is not None and entry.config else "model.onnx")  # fmt: skip
             loop = asyncio.get_running_loop()
             staging = model_dir / f".upload-{number}-{uuid.uuid4().hex[:8]}"
+            new_model = not model_dir.exists()
+            if (staging / filename).parent != staging:  # the config's name is a plain one
+                raise InvalidArgument(f"model {name!r}: bad default_model_filename {filename!r}")
             try:
                 size = await self._receive(body, staging / filename)
                 path = staging / filename
@@ -333,7 +368,7 @@ class AdminService:
                     self._executor, publish, staging, model_dir / str(number)
                 )
             finally:
-                await loop.run_in_executor(self._executor, shutil.rmtree, staging, True)
+                await loop.run_in_executor(self._executor, _clean_up, staging, new_model)
             await self.rescan(fresh=(name,))
         audit(who, "upload", name, number, f"{size} bytes")
         return {"name": name, "version": str(number), "bytes": size}
@@ -420,11 +455,13 @@ class AdminService:
                     f"version {number} of {name!r} is named by its routing (alias, weight, "
                     "shadow or pin): route traffic away from it first"
                 )
-            await self._unload([ModelId(name, number)])
+            # disappear first (new requests go elsewhere, nothing reloads it), then drain:
+            # the requests already on it finish there
             gone = entry.path / f".deleted-{number}-{uuid.uuid4().hex[:8]}"
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, retire, entry.path / str(number), gone)
             await self.rescan(fresh=(name,))
+            await self._unload([ModelId(name, number)])
         audit(who, "delete", name, number)
 
     def get_routing(self, name: str) -> dict[str, Any]:
@@ -490,6 +527,15 @@ def _version_number(text: str) -> int:
     if number is None or number < 1:
         raise InvalidArgument(f"invalid version {text[:40]!r}: a positive integer")
     return number
+
+
+def _clean_up(staging: Path, new_model: bool) -> None:
+    """After an upload: remove its staging directory, and the model directory if the
+    upload created it and nothing else is in it (a refused new model leaves no trace)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if new_model:
+        with contextlib.suppress(OSError):
+            staging.parent.rmdir()  # only when empty
 
 
 @dataclass(slots=True)

@@ -440,10 +440,16 @@ class ModelCache:
             raise NotFound(f"model {model_id} is not loaded")
         servable = slot.servable
         slot.state = ModelState.DRAINING
-        try:
-            await self._drain_and_free(servable)
-        finally:
-            slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, "unloaded"
+
+        async def drain() -> None:
+            try:
+                await self._drain_and_free(servable)
+            finally:
+                slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, "unloaded"
+
+        # its own task: a caller that goes away (a client disconnect) must not stop an
+        # unload half-way, with the version's memory still counted
+        await asyncio.shield(asyncio.get_running_loop().create_task(drain()))
 
     async def _drain_and_free(self, servable: Servable) -> None:
         servable.draining = True

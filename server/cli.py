@@ -15,6 +15,7 @@ import uvloop
 
 from server.admin_client import TOKEN_ENV, add_admin_parser, run_admin
 from server.config import Settings
+from server.errors import ServerError
 from server.eviction import POLICIES
 from server.feedback_export import add_feedback_parser, run_feedback
 from server.sinks import SINKS
@@ -269,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.model_repository.is_dir():
         log.error("model repository %s is not a directory", settings.model_repository)
         return 2
-    uvloop.run(serve(settings))
+    try:
+        uvloop.run(serve(settings))
+    except ServerError as exc:  # e.g. a malformed routing state file: say which, plainly
+        log.error("cannot start: %s", exc.message)
+        return 2
     return 0
 
 

@@ -308,7 +308,7 @@ def parse_model_config(text: str, model_name: str) -> ModelConfig:
         inputs=tuple(_tensor_spec(model_name, t) for t in message.input),
         outputs=tuple(_tensor_spec(model_name, t) for t in message.output),
         version_policy=_version_policy(message.version_policy),
-        default_model_filename=message.default_model_filename or "model.onnx",
+        default_model_filename=_plain_filename(model_name, message.default_model_filename),
         instance_count=sum(g.count or 1 for g in message.instance_group) or 1,
         instance_kind=_instance_kind(message),
         parameters={k: v.string_value for k, v in message.parameters.items()},
@@ -341,6 +341,18 @@ def _value_json(fd: Any, value: Any) -> Any:
     if fd.type == fd.TYPE_ENUM:
         return fd.enum_type.values_by_number[value].name
     return value
+
+
+def _plain_filename(model_name: str, name: str) -> str:
+    """default_model_filename: a file in the version directory, nothing that walks out."""
+    if not name:
+        return "model.onnx"
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise InvalidArgument(
+            f"model {model_name!r}: default_model_filename {name[:80]!r} must be a plain "
+            "file name (no directories)"
+        )
+    return name
 
 
 def _tensor_spec(model_name: str, tensor: Any) -> TensorSpec:

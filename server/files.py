@@ -4,8 +4,10 @@ the directory)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,17 @@ from server.errors import AlreadyExists, Unavailable
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_directory(path.parent)
 
 
@@ -40,7 +47,10 @@ def flush_file(f: Any) -> None:
 
 
 def publish(staging: Path, final: Path) -> None:
-    """Rename the staged version into place (atomic), then make the rename durable."""
+    """Rename the staged version into place (atomic), then make the rename durable: the
+    staged directory's entries first, the rename, and the model directory's own entry
+    (it may be new)."""
+    fsync_directory(staging)
     try:
         os.rename(staging, final)
     except OSError as exc:
@@ -48,6 +58,7 @@ def publish(staging: Path, final: Path) -> None:
             raise AlreadyExists(f"version directory {final.name} appeared meanwhile") from None
         raise Unavailable(f"cannot publish the upload: {exc}") from None
     fsync_directory(final.parent)
+    fsync_directory(final.parent.parent)
 
 
 def retire(path: Path, gone: Path) -> None:

@@ -7,6 +7,7 @@ imported next to tritonclient's. One decorator maps every ServerError to a statu
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -166,7 +167,11 @@ class GrpcApi:
     async def RepositoryModelLoad(
         self, request: Any, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        await self._authorize(request, context).load(request.model_name, request.parameters)
+        admin = self._authorize(request, context)
+        # shielded: a client deadline must not stop a load half-way
+        await asyncio.shield(asyncio.ensure_future(
+            admin.load(request.model_name, request.parameters, context.peer())
+        ))  # fmt: skip
         return pb.RepositoryModelLoadResponse()
 
     @rpc
@@ -174,7 +179,10 @@ class GrpcApi:
         self, request: Any, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         # "unload_dependents" is accepted and ignored: there are no ensembles
-        await self._authorize(request, context).unload(request.model_name)
+        admin = self._authorize(request, context)
+        await asyncio.shield(
+            asyncio.ensure_future(admin.unload(request.model_name, context.peer()))
+        )
         return pb.RepositoryModelUnloadResponse()
 
     @rpc

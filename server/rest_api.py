@@ -11,12 +11,14 @@ dev machine, a fifth of a small model's whole request. The routes are few and fi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import orjson
 from aiohttp import web
@@ -61,6 +63,7 @@ ADMIN_PATH = re.compile(
 REPOSITORY_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>[a-z]+)")
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def error_response(exc: ServerError) -> web.Response:
@@ -90,6 +93,12 @@ def endpoint(fn: Handler) -> Handler:
             return error_response(Internal("internal server error"))
 
     return wrapper
+
+
+async def finish(change: Awaitable[T]) -> T:
+    """Run an admin change to its end even if the client goes away (a disconnect cancels
+    the handler): a change stopped half-way would leave disk, memory and routing apart."""
+    return await asyncio.shield(asyncio.ensure_future(change))
 
 
 def json_response(doc: object) -> web.Response:
@@ -265,7 +274,7 @@ class RestApi:
     ) -> web.Response:
         return json_response(self._service.model_statistics(name or "", version))
 
-    # -- model repository extension (repository control: loopback-only for now) --------
+    # -- model repository extension (the admin API's access rule) ---------------------
 
     @endpoint
     async def repository_index(self, request: web.BaseRequest, *_: str | None) -> web.Response:
@@ -283,7 +292,9 @@ class RestApi:
         parameters = (await self._json_body(request)).get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidArgument('"parameters" must be an object')
-        await self._admin.load(name, parameters.keys())  # type: ignore[union-attr]
+        admin = self._admin
+        assert admin is not None
+        await finish(admin.load(name, parameters.keys(), request.remote or ""))
         return web.Response(status=200)
 
     @endpoint
@@ -293,13 +304,19 @@ class RestApi:
         # {"parameters": {"unload_dependents": bool}} is accepted and ignored: no ensembles
         self._authorize(request)
         await self._json_body(request)
-        await self._admin.unload(name)  # type: ignore[union-attr]
+        admin = self._admin
+        assert admin is not None
+        await finish(admin.unload(name, request.remote or ""))
         return web.Response(status=200)
 
     # -- the admin API (bearer token, or loopback-only without one) ---------------------
 
     def _authorize(self, request: web.BaseRequest) -> None:
-        self._admin.authorize(request.remote, request.headers.get("Authorization"))  # type: ignore[union-attr]
+        headers = request.headers
+        self._admin.authorize(  # type: ignore[union-attr]
+            request.remote, headers.get("Authorization"), headers.get("Host", ""),
+            headers.get("Origin"),
+        )  # fmt: skip
 
     @endpoint
     async def admin(
@@ -319,12 +336,11 @@ class RestApi:
             if action == "routing" and method == "GET":
                 return json_response(admin.get_routing(name))
             if action == "routing" and method == "PUT":
-                return json_response(
-                    await admin.put_routing(name, await self._json_doc(request), who)
-                )
+                doc = await self._json_doc(request)
+                return json_response(await finish(admin.put_routing(name, doc, who)))
             if action == "config" and method == "PUT":
                 text = await self._text_body(request)
-                await admin.put_config(name, text, who)
+                await finish(admin.put_config(name, text, who))
                 return json_response({"name": name})
         elif action is None and method == "PUT":
             if request.content_length is not None and request.content_length > self._max_upload:
@@ -335,10 +351,10 @@ class RestApi:
             doc = await admin.upload(name, version, request.content.iter_chunked(1 << 20), who)
             return web.Response(status=201, body=orjson.dumps(doc), content_type=JSON)
         elif action is None and method == "DELETE":
-            await admin.delete(name, version, who)
+            await finish(admin.delete(name, version, who))
             return json_response({})
         elif action is not None and method == "POST":
-            await admin.version_action(name, version, action, who)
+            await finish(admin.version_action(name, version, action, who))
             return json_response({})
         raise NotFound(f"no route {method} {request.path[:200]}")
 

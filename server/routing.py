@@ -171,9 +171,15 @@ class RoutingStore:
         except (OSError, ValueError) as exc:
             raise InvalidArgument(f"cannot read routing state {self.path}: {exc}") from None
         out = {}
-        for name, item in doc.get("models", {}).items():
-            pinned = frozenset(_version(v, "pinned version") for v in item.pop("pinned", []))
-            out[name] = parse_routing(item, pinned)
+        try:
+            for name, item in doc.get("models", {}).items():
+                pins = item.pop("pinned", [])
+                pinned = frozenset(_version(v, "pinned version") for v in pins)
+                out[name] = parse_routing(item, pinned)
+        except (AttributeError, TypeError) as exc:  # valid JSON, wrong shape
+            raise InvalidArgument(f"routing state {self.path} is malformed: {exc}") from None
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"routing state {self.path}: {exc.message}") from None
         return out
 
     def save(self, routes: Mapping[str, Routing]) -> None:

@@ -157,11 +157,12 @@ def test_an_uploaded_version_becomes_the_latest_and_serves(
         ("/v2/admin/models/.hidden/versions/4", model_bytes(9), 400, "invalid model name"),
         ("/v2/admin/models/up%2F..%2Fx/versions/4", model_bytes(9), 404, "no route"),
         ("/v2/admin/models/up/versions/4", b"not an onnx model", 400, "not a loadable model"),
+        ("/v2/admin/models/fresh/versions/1", b"not an onnx model", 400, "not a loadable model"),
         ("/v2/admin/models/up/versions/4", b"", 400, "empty model file"),
         ("/v2/admin/models/up/versions/4", b"x" * (UPLOAD_LIMIT + 1), 400, "upload limit"),
     ],
-    ids=["exists", "zero", "letters", "negative", "dots", "hidden", "slash", "corrupt", "empty",
-         "too-big"],
+    ids=["exists", "zero", "letters", "negative", "dots", "hidden", "slash", "corrupt",
+         "corrupt-new-model", "empty", "too-big"],
 )  # fmt: skip
 def test_a_bad_upload_is_refused_and_changes_nothing(
     server: RunningServer, repo: Path, path: str, body: bytes, status: int, problem: str

@@ -640,3 +640,9 @@ def test_server_default_batches_only_models_without_a_config_file():
     assert with_file.batch_policy(1024) is None
     off = ModelConfig(name="m").completed(*BATCH_IO, 64, default_batching=False)
     assert off.batch_policy(1024) is None and "dynamic_batching" not in off.source
+
+
+@pytest.mark.parametrize("name", ["../model.onnx", "/etc/passwd", "a/b.onnx", "..", "x\\\\y"])
+def test_default_model_filename_must_be_a_plain_file_name(name):
+    with pytest.raises(InvalidArgument, match="plain file name"):
+        parse(f'default_model_filename: "{name}"')

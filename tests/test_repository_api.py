@@ -601,3 +601,32 @@ def test_install_keeps_a_removed_model_only_when_asked(repo: Path) -> None:
     assert "mlp" not in repository.names
     repository.install(snapshot)
     assert "mlp" not in repository.names
+
+
+@pytest.mark.parametrize(
+    ("token", "address", "authorization", "host", "origin", "allowed"),
+    [
+        (None, "127.0.0.1", None, "127.0.0.1:8000", None, True),
+        (None, "127.0.0.1", None, "localhost:8000", None, True),
+        (None, "::1", None, "[::1]:8000", None, True),
+        (None, "127.0.0.1", None, None, None, True),  # gRPC: no Host header
+        (None, "127.0.0.1", None, "evil.example:8000", None, False),  # DNS rebinding
+        (None, "127.0.0.1", None, "localhost:8000", "http://evil.example", False),  # CSRF
+        (None, "10.0.0.1", None, "127.0.0.1:8000", None, False),
+        ("t0k", "10.0.0.1", "Bearer t0k", "anything:1", "http://x", True),
+        ("t0k", "127.0.0.1", None, "localhost:8000", None, False),
+        ("t0k", "127.0.0.1", "bearer  t0k ", "localhost", None, True),
+    ],
+)
+def test_the_admin_access_rule(
+    token: str | None, address: str, authorization: str | None, host: str | None,
+    origin: str | None, allowed: bool,
+) -> None:  # fmt: skip
+    from server.admin import authorize
+    from server.errors import Unauthenticated
+
+    if allowed:
+        authorize(token, address, authorization, host, origin)
+    else:
+        with pytest.raises(Unauthenticated):
+            authorize(token, address, authorization, host, origin)

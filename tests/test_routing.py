@@ -104,3 +104,15 @@ def test_store_without_a_file_is_empty_and_a_corrupt_one_is_an_error(tmp_path: P
     store.path.write_text(json.dumps({"models": {"a": {"aliases": {"1x": 2}}}}))
     with pytest.raises(InvalidArgument, match="must start with a letter"):
         store.load()
+
+
+@pytest.mark.parametrize(
+    "doc", [[], {"models": []}, {"models": {"m": []}}, {"models": {"m": {"pinned": 3}}}]
+)
+def test_a_store_of_the_wrong_shape_is_an_error_naming_the_file(
+    tmp_path: Path, doc: object
+) -> None:
+    store = RoutingStore(tmp_path)
+    store.path.write_text(json.dumps(doc))
+    with pytest.raises(InvalidArgument, match=r"routing\.json"):
+        store.load()
