@@ -149,16 +149,20 @@ class AdminService:
     ) -> None:
         authorize(self._token, address, authorization, host, origin)
 
-    async def restore(self) -> None:
-        """Routing and pins as the last run left them (server start)."""
+    async def restore(self) -> list[ModelId]:
+        """Routing and pins as the last run left them (server start); returns the pinned
+        versions, for the caller to load."""
         loop = asyncio.get_running_loop()
         routes = await loop.run_in_executor(self._executor, self._store.load)
+        pinned = []
         for name, routing in routes.items():
             self._router.set_routing(name, routing)
             for version in routing.pinned:
                 self._cache.pin(ModelId(name, version))
+                pinned.append(ModelId(name, version))
         if routes:
             log.info("routing restored for %d models from %s", len(routes), self._store.path)
+        return pinned
 
     # -- repository ---------------------------------------------------------------
 

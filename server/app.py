@@ -97,7 +97,7 @@ class App:
         # runtimes' one-time start-up, so it is not counted as the first model's size
         await asyncio.get_running_loop().run_in_executor(self.load_pool, warm_up_all)
         names = self.repository.scan()
-        await self.admin.restore()
+        pinned = await self.admin.restore()
         log.info("model repository %s: %d models", s.model_repository, len(names))
 
         timeout = s.shutdown_timeout_s
@@ -121,8 +121,8 @@ class App:
             self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
             await self._grpc.start()
 
-        if s.preload:
-            await self._load_all(names)
+        # pinned versions are kept loaded, across restarts too; --preload loads the rest
+        await self._load(pinned + (self._servable_ids(names) if s.preload else []))
         if s.repository_poll_s > 0:
             self._poll = asyncio.create_task(self.admin.poll(s.repository_poll_s))
         self.service.ready = True
@@ -142,15 +142,21 @@ class App:
         await site.start()
         return sock.getsockname()[1]
 
-    async def _load_all(self, names: list[str]) -> None:
-        """Load every servable version at startup; a failure leaves the others serving."""
-        assert self.cache is not None
+    def _servable_ids(self, names: list[str]) -> list[ModelId]:
+        """Every version a request may reach: within the policy, or routed."""
         ids = []
         for name in names:
             entry = self.repository.entry(name)
             if entry.config is None:
                 log.error("model %s: %s", name, entry.error)
-            ids += [ModelId(name, v) for v in entry.servable]
+                continue
+            ids += [ModelId(name, v) for v in self.router.servable(name)]
+        return ids
+
+    async def _load(self, ids: list[ModelId]) -> None:
+        """Load versions at startup; a failure leaves the others serving."""
+        assert self.cache is not None
+        ids = list(dict.fromkeys(ids))
         results = await asyncio.gather(*(self.cache.load(i) for i in ids), return_exceptions=True)
         for model_id, result in zip(ids, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, ServerError):

@@ -320,7 +320,8 @@ def test_routing_and_pins_survive_a_restart(tmp_path: Path) -> None:
         routing = call(second, "GET", "/v2/admin/models/m/routing")[2]
         assert routing["aliases"] == {"stable": 1}
         assert infer(second, "m", "stable") == (200, "1", 1.0)
-        assert call(second, "GET", "/v2/admin/models/m")[2]["versions"][0]["pinned"] is True
+        version = call(second, "GET", "/v2/admin/models/m")[2]["versions"][0]
+        assert version["pinned"] is True and version["state"] == "READY"  # loaded at start
     finally:
         stop_server(second)
 
