@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import ipaddress
 import json
 import logging
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from loaders.base import LoadError
 from loaders.registry import loader_class
@@ -46,6 +47,7 @@ from server.versions import parse_version
 
 log = logging.getLogger(__name__)
 _audit = logging.getLogger("fleetserve.audit")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 VERSION_ACTIONS = ("load", "unload", "pin", "unpin")
 MAX_CONFIG_CHARS = 1024 * 1024
 
@@ -106,6 +108,17 @@ def authorize(
         given.strip().encode(), token.encode()
     ):
         raise Unauthenticated("missing or wrong admin token (Authorization: Bearer <token>)")
+
+
+def to_completion(fn: F) -> F:
+    """A change runs as its own task: a caller that goes away (a client disconnect, a
+    deadline) must not stop it half-way and leave disk, memory and routing apart."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return await asyncio.shield(asyncio.ensure_future(fn(*args, **kwargs)))
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _loopback_host(host: str) -> bool:
@@ -239,6 +252,7 @@ class AdminService:
 
     # -- load and unload ------------------------------------------------------------
 
+    @to_completion
     async def load(self, name: str, parameters: Collection[str] = (), who: str = "") -> None:
         """Load (or reload, when loaded) every servable version of a model.
 
@@ -285,6 +299,7 @@ class AdminService:
             await self._unload(stale)
         audit(who or "unknown", "repository load", name, None)
 
+    @to_completion
     async def unload(self, name: str, who: str = "") -> None:
         """Unload every loaded version of a model, letting its requests finish (drain).
 
@@ -405,6 +420,7 @@ class AdminService:
             raise InvalidArgument(f"the uploaded file is not a loadable model: {exc}") from None
         model.unload()
 
+    @to_completion
     async def put_config(self, name: str, text: str, who: str) -> None:
         """Replace a model's config.pbtxt atomically after checking it parses. Loaded
         versions keep the config they loaded with until they are loaded again."""
@@ -420,6 +436,7 @@ class AdminService:
             await self.rescan(fresh=(name,))
         audit(who, "config", name, None, f"{len(text)} chars")
 
+    @to_completion
     async def version_action(self, name: str, version: str, action: str, who: str) -> None:
         """load (or reload) | unload (drained) | pin (and load) | unpin one version."""
         check_model_name(name)
@@ -446,6 +463,7 @@ class AdminService:
                     await self._cache.load(model_id, reload=False)
         audit(who, action, name, number)
 
+    @to_completion
     async def delete(self, name: str, version: str, who: str) -> None:
         """Remove a version from disk after draining it; refused while routing names it."""
         check_model_name(name)
@@ -473,6 +491,7 @@ class AdminService:
         self._known(name)
         return self._router.routing(name).to_json()
 
+    @to_completion
     async def put_routing(self, name: str, doc: Any, who: str) -> dict[str, Any]:
         """Replace a model's routing (aliases, weights, shadow); pins are kept."""
         check_model_name(name)

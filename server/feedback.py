@@ -112,10 +112,6 @@ class FeedbackLog:
                 "(counted in fleetserve_feedback_dropped_total)", self._capacity,
             )  # fmt: skip
 
-    @property
-    def depth(self) -> int:
-        return len(self._buffer)
-
     # -- the writer -------------------------------------------------------------------
 
     async def _run(self) -> None:

@@ -7,7 +7,6 @@ imported next to tritonclient's. One decorator maps every ServerError to a statu
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -168,10 +167,7 @@ class GrpcApi:
         self, request: Any, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         admin = self._authorize(request, context)
-        # shielded: a client deadline must not stop a load half-way
-        await asyncio.shield(asyncio.ensure_future(
-            admin.load(request.model_name, request.parameters, context.peer())
-        ))  # fmt: skip
+        await admin.load(request.model_name, request.parameters, context.peer())
         return pb.RepositoryModelLoadResponse()
 
     @rpc
@@ -179,10 +175,7 @@ class GrpcApi:
         self, request: Any, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         # "unload_dependents" is accepted and ignored: there are no ensembles
-        admin = self._authorize(request, context)
-        await asyncio.shield(
-            asyncio.ensure_future(admin.unload(request.model_name, context.peer()))
-        )
+        await self._authorize(request, context).unload(request.model_name, context.peer())
         return pb.RepositoryModelUnloadResponse()
 
     @rpc

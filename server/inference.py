@@ -103,7 +103,11 @@ class InferenceService:
                 rows = _check_inputs(s, req)
                 names = _output_names(s, req.outputs) if req.outputs else None
                 timeout = _timeout(req.parameters) if req.parameters else None
-                log_it = self._feedback is not None and _sampled(s.feedback_rate, req.parameters)
+                log_it = (
+                    (s.feedback_rate or req.parameters)
+                    and self._feedback is not None
+                    and _sampled(s.feedback_rate, req.parameters)
+                )
                 batcher = s.batcher
                 if batcher is None and s.batching is not None:
                     batcher = self._batcher(s)

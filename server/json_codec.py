@@ -45,12 +45,7 @@ def decode_request(
             f"Inference-Header-Content-Length {header_length} is outside the body "
             f"({len(body)} bytes)"
         )
-    try:
-        doc = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"malformed JSON in request body: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument("request body must be a JSON object")
+    doc = json_object(header, "request body")
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidArgument("request needs a non-empty 'inputs' list")
@@ -101,14 +96,20 @@ def decode_request(
 MAX_METADATA_BYTES = 64 * 1024
 
 
-def decode_feedback(body: bytes, model_name: str) -> FeedbackRecord:
-    """Ground truth for a request id: {"id", "label"?, "truth": [tensors]?, "metadata"?}."""
+def json_object(body: bytes | memoryview, what: str) -> dict:
+    """A body that must hold one JSON object; InvalidArgument naming `what` otherwise."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"malformed JSON in feedback body: {exc}") from None
+        raise InvalidArgument(f"malformed JSON in {what}: {exc}") from None
     if not isinstance(doc, dict):
-        raise InvalidArgument("feedback body must be a JSON object")
+        raise InvalidArgument(f"{what} must be a JSON object")
+    return doc
+
+
+def decode_feedback(body: bytes, model_name: str) -> FeedbackRecord:
+    """Ground truth for a request id: {"id", "label"?, "truth": [tensors]?, "metadata"?}."""
+    doc = json_object(body, "feedback body")
     unknown = set(doc) - {"id", "label", "truth", "metadata"}
     if unknown:
         raise InvalidArgument(f"unknown feedback field(s): {', '.join(sorted(unknown))[:200]}")

@@ -11,14 +11,12 @@ dev machine, a fifth of a small model's whole request. The routes are few and fi
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import orjson
 from aiohttp import web
@@ -26,7 +24,13 @@ from aiohttp import web
 from server.admin import AdminService
 from server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
 from server.inference import InferenceService
-from server.json_codec import decode_feedback, decode_request, encode_response, error_body
+from server.json_codec import (
+    decode_feedback,
+    decode_request,
+    encode_response,
+    error_body,
+    json_object,
+)
 from server.types import InferRequest
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,6 @@ ADMIN_PATH = re.compile(
 REPOSITORY_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>[a-z]+)")
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
-T = TypeVar("T")
 
 
 def error_response(exc: ServerError) -> web.Response:
@@ -93,12 +96,6 @@ def endpoint(fn: Handler) -> Handler:
             return error_response(Internal("internal server error"))
 
     return wrapper
-
-
-async def finish(change: Awaitable[T]) -> T:
-    """Run an admin change to its end even if the client goes away (a disconnect cancels
-    the handler): a change stopped half-way would leave disk, memory and routing apart."""
-    return await asyncio.shield(asyncio.ensure_future(change))
 
 
 def json_response(doc: object) -> web.Response:
@@ -212,12 +209,7 @@ class RestApi:
         header = request.headers.get(HEADER_LENGTH)
         if header is not None and not (header.isascii() and header.isdigit()):
             raise InvalidArgument(f"{HEADER_LENGTH} must be a non-negative integer")
-        try:  # aiohttp stops reading at the limit (client_max_size) and raises
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise InvalidArgument(
-                f"request body exceeds the limit of {self._max_bytes} bytes"
-            ) from None
+        body = await self._read(request)
         req = decode_request(body, int(header) if header else None, name, version)
         key = request.headers.get(ROUTING_KEY_HEADER)
         if key is not None:  # the header form of the "routing_key" parameter
@@ -258,13 +250,7 @@ class RestApi:
         self, request: web.BaseRequest, name: str, version: str | None
     ) -> web.Response:
         """Ground truth for an earlier prediction, by its request id."""
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise InvalidArgument(
-                f"request body exceeds the limit of {self._max_bytes} bytes"
-            ) from None
-        record = decode_feedback(body, name)
+        record = decode_feedback(await self._read(request), name)
         self._service.post_feedback(record)
         return json_response({"id": record.request_id})
 
@@ -294,7 +280,7 @@ class RestApi:
             raise InvalidArgument('"parameters" must be an object')
         admin = self._admin
         assert admin is not None
-        await finish(admin.load(name, parameters.keys(), request.remote or ""))
+        await admin.load(name, parameters.keys(), request.remote or "")
         return web.Response(status=200)
 
     @endpoint
@@ -306,7 +292,7 @@ class RestApi:
         await self._json_body(request)
         admin = self._admin
         assert admin is not None
-        await finish(admin.unload(name, request.remote or ""))
+        await admin.unload(name, request.remote or "")
         return web.Response(status=200)
 
     # -- the admin API (bearer token, or loopback-only without one) ---------------------
@@ -336,11 +322,11 @@ class RestApi:
             if action == "routing" and method == "GET":
                 return json_response(admin.get_routing(name))
             if action == "routing" and method == "PUT":
-                doc = await self._json_doc(request)
-                return json_response(await finish(admin.put_routing(name, doc, who)))
+                doc = await self._json_body(request)
+                return json_response(await admin.put_routing(name, doc, who))
             if action == "config" and method == "PUT":
                 text = await self._text_body(request)
-                await finish(admin.put_config(name, text, who))
+                await admin.put_config(name, text, who)
                 return json_response({"name": name})
         elif action is None and method == "PUT":
             if request.content_length is not None and request.content_length > self._max_upload:
@@ -351,46 +337,32 @@ class RestApi:
             doc = await admin.upload(name, version, request.content.iter_chunked(1 << 20), who)
             return web.Response(status=201, body=orjson.dumps(doc), content_type=JSON)
         elif action is None and method == "DELETE":
-            await finish(admin.delete(name, version, who))
+            await admin.delete(name, version, who)
             return json_response({})
         elif action is not None and method == "POST":
-            await finish(admin.version_action(name, version, action, who))
+            await admin.version_action(name, version, action, who)
             return json_response({})
         raise NotFound(f"no route {method} {request.path[:200]}")
 
-    async def _text_body(self, request: web.BaseRequest) -> str:
+    async def _read(self, request: web.BaseRequest) -> bytes:
+        """The whole body; aiohttp stops reading at the limit (client_max_size) and raises."""
         try:
-            return (await request.read()).decode()
+            return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise InvalidArgument(
                 f"request body exceeds the limit of {self._max_bytes} bytes"
             ) from None
+
+    async def _text_body(self, request: web.BaseRequest) -> str:
+        try:
+            return (await self._read(request)).decode()
         except UnicodeDecodeError:
             raise InvalidArgument("the body must be UTF-8 text") from None
 
-    async def _json_doc(self, request: web.BaseRequest) -> object:
-        try:
-            return orjson.loads(await self._text_body(request) or "{}")
-        except orjson.JSONDecodeError as exc:
-            raise InvalidArgument(f"malformed JSON body: {exc}") from None
-
     async def _json_body(self, request: web.BaseRequest) -> dict:
         """The request's JSON object; {} for an empty body."""
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise InvalidArgument(
-                f"request body exceeds the limit of {self._max_bytes} bytes"
-            ) from None
-        if not body.strip():
-            return {}
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidArgument(f"malformed JSON body: {exc}") from None
-        if not isinstance(doc, dict):
-            raise InvalidArgument("the request body must be a JSON object")
-        return doc
+        body = await self._read(request)
+        return json_object(body, "the request body") if body.strip() else {}
 
 
 def metrics_app(render: Callable[[], bytes]) -> web.Application:
