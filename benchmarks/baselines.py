@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from server.types import DTYPES  # noqa: E402  (needs ROOT on sys.path)
+from fleetserve.server.types import DTYPES  # noqa: E402  (needs ROOT on sys.path)
 
 # V2 datatype <-> numpy dtype, enough for the numeric models a baseline serves.
 V2_TO_NP: dict[str, np.dtype] = {k: v for k, v in DTYPES.items() if v != np.object_}

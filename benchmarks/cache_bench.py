@@ -1,7 +1,7 @@
 """Model cache benchmark: registry cost, Zipf traffic through the cache, warm hits under loads.
 
 A benchmark, not a test (CI does not run it). It starts its own servers,
-`python -m server serve ... --host 127.0.0.1`, and sends load only to them.
+`python -m fleetserve serve ... --host 127.0.0.1`, and sends load only to them.
 
 (a) Startup and registry cost. For N in --startup-models (plus N = 1 as the reference) it
     writes a repository of N model directories (the same small MLP bytes in each), starts
@@ -78,7 +78,7 @@ for _p in (str(ROOT), str(HERE)):
 
 from report import git_commit, machine_info  # noqa: E402
 
-from loaders import testing  # noqa: E402
+from fleetserve.loaders import testing  # noqa: E402
 
 READY = re.compile(r"fleetserve ready: http [\w.:]+:(\d+) grpc \S+ metrics [\w.:]+:(-?\d+)")
 LOADED = re.compile(
@@ -170,7 +170,7 @@ class Server:
     @property
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "server", "serve", "--model-repository", str(self.repo),
+            sys.executable, "-m", "fleetserve", "serve", "--model-repository", str(self.repo),
             "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
             "--host", "127.0.0.1", *self.args,
         ]  # fmt: skip

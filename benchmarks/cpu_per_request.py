@@ -7,7 +7,7 @@ interleaved, each run starts a fresh server, and every variant runs `--rounds` t
 
     python benchmarks/cpu_per_request.py --port 19000 \\
         "base=python benchmarks/baselines.py --model M --kind rest --port 19000" \\
-        "fleet=python -m server serve --model-repository R --http-port 19000 --grpc-port -1"
+        "fleet=python -m fleetserve serve --model-repository R --http-port 19000 --grpc-port -1"
 
 Every variant must serve POST /v2/models/mlp/infer on --port with the 16->64->4 MLP
 (INPUT0 [1,16] FP32). Needs wrk (benchmarks/setup.sh). Load goes to 127.0.0.1 only.

@@ -55,7 +55,7 @@ for _p in (str(ROOT), str(HERE)):
 from report import git_commit, machine_info  # noqa: E402
 
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
-# The fleetserve targets: one `python -m server serve` each, differing only in these flags.
+# The fleetserve targets: one `python -m fleetserve serve` each, differing only in these flags.
 # They go after --fleetserve-args, so that the target's name always says what ran. The
 # repository has no config.pbtxt, so these flags alone decide whether the model batches.
 FLEETSERVE_TARGETS: dict[str, list[str]] = {
@@ -98,15 +98,15 @@ def make_repository(
 
     No config.pbtxt: the server auto-completes the config, and --(no-)dynamic-batching decides.
     """
-    from loaders.testing import mlp, write_model
+    from fleetserve.loaders.testing import mlp, write_model
 
     if model_path:
         return write_model(repo, name, Path(model_path).read_bytes()), model_path
     if mlp_layers:
         return write_model(repo, name, mlp(layers=mlp_layers)), (
-            f"loaders.testing.mlp(layers={mlp_layers})"
+            f"fleetserve.loaders.testing.mlp(layers={mlp_layers})"
         )
-    return write_model(repo, name, mlp()), "loaders.testing.mlp()"
+    return write_model(repo, name, mlp()), "fleetserve.loaders.testing.mlp()"
 
 
 @dataclass
@@ -763,7 +763,7 @@ class Runner:
         cmd = [
             self.a.python,
             "-m",
-            "server",
+            "fleetserve",
             "serve",
             "--model-repository",
             str(self.repo),
@@ -1206,8 +1206,8 @@ def main(argv: list[str] | None = None) -> int:
         "--mlp-layers",
         type=_csv(int),
         metavar="W0,W1,...",
-        help="serve loaders.testing.mlp(layers=[...]) instead, every width from input to "
-        "output, e.g. 256,1024,1024,10",
+        help="serve fleetserve.loaders.testing.mlp(layers=[...]) instead, every width from "
+        "input to output, e.g. 256,1024,1024,10",
     )
     ap.add_argument("--model-name", default="mlp")
     ap.add_argument(
@@ -1219,7 +1219,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin-server", metavar="CPUS", help="e.g. 1 or 0-1 (default: no pinning)")
     ap.add_argument("--pin-generator", metavar="CPUS", help="e.g. 0 (default: no pinning)")
     ap.add_argument(
-        "--fleetserve-args", default="", help="extra arguments appended to `python -m server serve`"
+        "--fleetserve-args",
+        default="",
+        help="extra arguments appended to `python -m fleetserve serve`",
     )
     ap.add_argument("--python", default=sys.executable, help="interpreter for the servers")
     ap.add_argument("--startup-timeout", type=float, default=60.0)

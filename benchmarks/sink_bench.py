@@ -24,9 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.sinks import SqliteSink  # noqa: E402
-from server.tensors import pack_tensors  # noqa: E402
-from server.types import PredictionRecord  # noqa: E402
+from fleetserve.server.sinks import SqliteSink  # noqa: E402
+from fleetserve.server.tensors import pack_tensors  # noqa: E402
+from fleetserve.server.types import PredictionRecord  # noqa: E402
 
 SEGMENT_BYTES = 64 * 1024**2
 

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
     # Works from a plain checkout too; with the project pip-installed this is harmless.
     sys.path.insert(0, str(ROOT))
 
-from loaders import testing  # noqa: E402
+from fleetserve.loaders import testing  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "models"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from loaders.base import InputError, LoadedModel, Loader, LoadError, RunError, TensorSig
+from fleetserve.loaders.base import InputError, LoadedModel, Loader, LoadError, RunError, TensorSig
 
 # onnxruntime's INVALID_ARGUMENT at run time: the data, not the model, is at fault
 _RejectedInput = getattr(

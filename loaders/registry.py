@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-from loaders.base import Loader
+from fleetserve.loaders.base import Loader
 
 # platform / backend name (Triton's spelling) -> "module:Class"
 LOADERS: dict[str, str] = {
-    "onnxruntime_onnx": "loaders.onnx:OnnxLoader",
-    "onnxruntime": "loaders.onnx:OnnxLoader",
+    "onnxruntime_onnx": "fleetserve.loaders.onnx:OnnxLoader",
+    "onnxruntime": "fleetserve.loaders.onnx:OnnxLoader",
 }
 
 # the file a loader kind reads inside a version directory, when the config names none

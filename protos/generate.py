@@ -3,12 +3,14 @@
 Equivalent to running, from the repository root::
 
     python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
-        protos/grpc_service.proto protos/model_config.proto protos/health.proto
+        fleetserve/protos/grpc_service.proto fleetserve/protos/model_config.proto \
+        fleetserve/protos/health.proto
 
-Usage: ``python -m protos.generate [OUT_DIR]``. The stubs are written to
-``OUT_DIR/protos/`` (default: the repository root, i.e. in place). The proto
-files are compiled under their repository-relative names (``protos/...``), so
-the generated modules import each other as ``protos.model_config_pb2``.
+Usage: ``python -m fleetserve.protos.generate [OUT_DIR]``. The stubs are written to
+``OUT_DIR/fleetserve/protos/`` (default: the repository root, i.e. in place, through
+the ``fleetserve/protos`` link). The proto files are compiled under their installed
+names (``fleetserve/protos/...``), so the generated modules import each other as
+``fleetserve.protos.model_config_pb2``.
 No ``*_pb2_grpc.py`` is generated: the server registers its handlers under the
 wire service names itself (see protos/README.md).
 """
@@ -22,7 +24,9 @@ from pathlib import Path
 from grpc_tools import protoc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_FILES = ("protos/grpc_service.proto", "protos/model_config.proto", "protos/health.proto")
+PROTO_FILES = tuple(
+    f"fleetserve/protos/{name}.proto" for name in ("grpc_service", "model_config", "health")
+)
 GENERATE_COMMAND = " ".join(
     ("python -m grpc_tools.protoc -I . --python_out=. --pyi_out=.", *PROTO_FILES)
 )
@@ -54,17 +58,17 @@ def generated_names() -> list[str]:
 def generate(out_dir: str | Path | None = None) -> list[Path]:
     """Run protoc; return the paths of the generated files."""
     out = Path(out_dir) if out_dir is not None else REPO_ROOT
-    (out / "protos").mkdir(parents=True, exist_ok=True)
+    (out / "fleetserve" / "protos").mkdir(parents=True, exist_ok=True)
     rc = protoc.main(protoc_args(out))
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit code {rc}")
-    return [out / "protos" / name for name in generated_names()]
+    return [out / "fleetserve" / "protos" / name for name in generated_names()]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) > 1 or (argv and argv[0].startswith("-")):
-        print("usage: python -m protos.generate [OUT_DIR]", file=sys.stderr)
+        print("usage: python -m fleetserve.protos.generate [OUT_DIR]", file=sys.stderr)
         return 2
     for path in generate(argv[0] if argv else None):
         print(path)

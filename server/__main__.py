@@ -1,7 +1,7 @@
-"""`python -m server` runs the fleetserve command line."""
+"""`python -m fleetserve.server` runs the fleetserve command line (as `python -m fleetserve`)."""
 
 import sys
 
-from server.cli import main
+from fleetserve.server.cli import main
 
 sys.exit(main())

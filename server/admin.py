@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loaders.base import LoadError
-from loaders.registry import loader_class
-from server.cache import ModelCache
-from server.config import CONFIG_FILENAME, ModelConfig, Settings, parse_model_config
-from server.errors import (
+from fleetserve.loaders.base import LoadError
+from fleetserve.loaders.registry import loader_class
+from fleetserve.server.cache import ModelCache
+from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, Settings, parse_model_config
+from fleetserve.server.errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
@@ -38,12 +38,12 @@ from server.errors import (
     Unauthenticated,
     Unavailable,
 )
-from server.files import flush_file, publish, retire, write_atomically
-from server.repository import ModelEntry, Repository, Snapshot, check_model_name
-from server.router import Router
-from server.routing import Routing, RoutingStore, parse_routing
-from server.types import ModelId, ModelState
-from server.versions import parse_version
+from fleetserve.server.files import flush_file, publish, retire, write_atomically
+from fleetserve.server.repository import ModelEntry, Repository, Snapshot, check_model_name
+from fleetserve.server.router import Router
+from fleetserve.server.routing import Routing, RoutingStore, parse_routing
+from fleetserve.server.types import ModelId, ModelState
+from fleetserve.server.versions import parse_version
 
 log = logging.getLogger(__name__)
 _audit = logging.getLogger("fleetserve.audit")

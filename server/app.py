@@ -18,20 +18,20 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from aiohttp import web
 
-from loaders.registry import warm_up_all
-from server.admin import AdminService
-from server.cache import ModelCache
-from server.config import Settings
-from server.errors import ServerError
-from server.feedback import FeedbackLog
-from server.grpc_api import GrpcApi
-from server.inference import InferenceService
-from server.metrics import Metrics
-from server.repository import Repository
-from server.rest_api import RestApi, metrics_app
-from server.router import Router
-from server.sinks import SINKS
-from server.types import ModelId
+from fleetserve.loaders.registry import warm_up_all
+from fleetserve.server.admin import AdminService
+from fleetserve.server.cache import ModelCache
+from fleetserve.server.config import Settings
+from fleetserve.server.errors import ServerError
+from fleetserve.server.feedback import FeedbackLog
+from fleetserve.server.grpc_api import GrpcApi
+from fleetserve.server.inference import InferenceService
+from fleetserve.server.metrics import Metrics
+from fleetserve.server.repository import Repository
+from fleetserve.server.rest_api import RestApi, metrics_app
+from fleetserve.server.router import Router
+from fleetserve.server.sinks import SINKS
+from fleetserve.server.types import ModelId
 
 log = logging.getLogger(__name__)
 

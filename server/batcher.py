@@ -31,11 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from loaders.base import InputError, LoadedModel, RunError
-from server.config import BatchPolicy
-from server.errors import DeadlineExceeded, Internal, InvalidArgument, ServerError, Unavailable
-from server.metrics import Metrics
-from server.stats import ModelStats
+from fleetserve.loaders.base import InputError, LoadedModel, RunError
+from fleetserve.server.config import BatchPolicy
+from fleetserve.server.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ServerError,
+    Unavailable,
+)
+from fleetserve.server.metrics import Metrics
+from fleetserve.server.stats import ModelStats
 
 Outputs = dict[str, np.ndarray]
 # how far past the head a batch looks for compatible requests (bounds the work per batch)

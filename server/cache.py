@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from loaders.base import ESTIMATE_FACTOR, LoadedModel, Loader, LoadError, TensorSig
-from server.config import BatchPolicy, ModelConfig, Settings
-from server.errors import (
+from fleetserve.loaders.base import ESTIMATE_FACTOR, LoadedModel, Loader, LoadError, TensorSig
+from fleetserve.server.config import BatchPolicy, ModelConfig, Settings
+from fleetserve.server.errors import (
     Internal,
     InvalidArgument,
     NotFound,
@@ -32,12 +32,12 @@ from server.errors import (
     ServerError,
     Unavailable,
 )
-from server.eviction import POLICIES, Candidate
-from server.metrics import Metrics
-from server.repository import Repository
-from server.stats import ModelStats
-from server.types import ModelId, ModelState, TensorSpec, datatype_of
-from server.warmup import warm_up
+from fleetserve.server.eviction import POLICIES, Candidate
+from fleetserve.server.metrics import Metrics
+from fleetserve.server.repository import Repository
+from fleetserve.server.stats import ModelStats
+from fleetserve.server.types import ModelId, ModelState, TensorSpec, datatype_of
+from fleetserve.server.warmup import warm_up
 
 log = logging.getLogger(__name__)
 

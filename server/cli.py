@@ -13,12 +13,12 @@ from pathlib import Path
 
 import uvloop
 
-from server.admin_client import TOKEN_ENV, add_admin_parser, run_admin
-from server.config import Settings
-from server.errors import ServerError
-from server.eviction import POLICIES
-from server.feedback_export import add_feedback_parser, run_feedback
-from server.sinks import SINKS
+from fleetserve.server.admin_client import TOKEN_ENV, add_admin_parser, run_admin
+from fleetserve.server.config import Settings
+from fleetserve.server.errors import ServerError
+from fleetserve.server.eviction import POLICIES
+from fleetserve.server.feedback_export import add_feedback_parser, run_feedback
+from fleetserve.server.sinks import SINKS
 
 log = logging.getLogger("fleetserve")
 
@@ -240,7 +240,7 @@ def admin_token(path: Path | None) -> str | None:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
-    from server.app import App
+    from fleetserve.server.app import App
 
     app = App(settings)
     stop = asyncio.Event()

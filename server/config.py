@@ -17,10 +17,10 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from loaders.base import LoadOptions
-from protos import model_config_pb2
-from server.errors import InvalidArgument
-from server.types import DEFAULT_DATA_DIR, DTYPES, TensorSpec
+from fleetserve.loaders.base import LoadOptions
+from fleetserve.protos import model_config_pb2
+from fleetserve.server.errors import InvalidArgument
+from fleetserve.server.types import DEFAULT_DATA_DIR, DTYPES, TensorSpec
 
 CONFIG_FILENAME = "config.pbtxt"
 

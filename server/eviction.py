@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from server.types import ModelId
+from fleetserve.server.types import ModelId
 
 
 @dataclass(frozen=True, slots=True)

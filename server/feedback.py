@@ -22,8 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from server.metrics import Metrics
-from server.sinks import Record, Sink
+from fleetserve.server.metrics import Metrics
+from fleetserve.server.sinks import Record, Sink
 
 log = logging.getLogger(__name__)
 

@@ -70,9 +70,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from server.sinks import DB_FILENAME
-from server.tensors import byte_elements, unpack_tensors
-from server.types import DEFAULT_DATA_DIR, datatype_of
+from fleetserve.server.sinks import DB_FILENAME
+from fleetserve.server.tensors import byte_elements, unpack_tensors
+from fleetserve.server.types import DEFAULT_DATA_DIR, datatype_of
 
 FORMATS = ("jsonl", "parquet")
 FETCH_ROWS = 100  # rows fetched from SQLite at a time

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from server.errors import AlreadyExists, Unavailable
+from fleetserve.server.errors import AlreadyExists, Unavailable
 
 
 def write_atomically(path: Path, data: bytes) -> None:

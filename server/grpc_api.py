@@ -16,13 +16,19 @@ from typing import Any
 
 import grpc
 
-from protos import grpc_service_pb2 as pb
-from protos import health_pb2
-from protos import model_config_pb2 as mc
-from server.admin import AdminService
-from server.errors import ErrorKind, Internal, InvalidArgument, ServerError, Unimplemented
-from server.inference import InferenceService
-from server.proto_codec import decode_infer, encode_infer, from_json
+from fleetserve.protos import grpc_service_pb2 as pb
+from fleetserve.protos import health_pb2
+from fleetserve.protos import model_config_pb2 as mc
+from fleetserve.server.admin import AdminService
+from fleetserve.server.errors import (
+    ErrorKind,
+    Internal,
+    InvalidArgument,
+    ServerError,
+    Unimplemented,
+)
+from fleetserve.server.inference import InferenceService
+from fleetserve.server.proto_codec import decode_infer, encode_infer, from_json
 
 log = logging.getLogger(__name__)
 

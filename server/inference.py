@@ -20,16 +20,22 @@ from typing import Any
 
 import numpy as np
 
-from server.batcher import Batcher, run_error
-from server.cache import ModelCache, Servable
-from server.errors import DeadlineExceeded, InvalidArgument, NotFound, ServerError, Unavailable
-from server.feedback import FeedbackLog
-from server.metrics import OTHER, Metrics
-from server.repository import Repository
-from server.router import Router
-from server.stats import ModelStats
-from server.tensors import pack_tensors
-from server.types import (
+from fleetserve.server.batcher import Batcher, run_error
+from fleetserve.server.cache import ModelCache, Servable
+from fleetserve.server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ServerError,
+    Unavailable,
+)
+from fleetserve.server.feedback import FeedbackLog
+from fleetserve.server.metrics import OTHER, Metrics
+from fleetserve.server.repository import Repository
+from fleetserve.server.router import Router
+from fleetserve.server.stats import ModelStats
+from fleetserve.server.tensors import pack_tensors
+from fleetserve.server.types import (
     FeedbackRecord,
     InferRequest,
     InferResponse,

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from server.errors import InvalidArgument
-from server.tensors import array_from_bytes, byte_elements, bytes_of
-from server.types import (
+from fleetserve.server.errors import InvalidArgument
+from fleetserve.server.tensors import array_from_bytes, byte_elements, bytes_of
+from fleetserve.server.types import (
     DTYPES,
     FeedbackRecord,
     InferRequest,

@@ -11,10 +11,16 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from protos import grpc_service_pb2 as pb
-from server.errors import InvalidArgument
-from server.tensors import array_from_bytes, bytes_of
-from server.types import DTYPES, InferRequest, InferResponse, RequestedOutput, datatype_of
+from fleetserve.protos import grpc_service_pb2 as pb
+from fleetserve.server.errors import InvalidArgument
+from fleetserve.server.tensors import array_from_bytes, bytes_of
+from fleetserve.server.types import (
+    DTYPES,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    datatype_of,
+)
 
 # which InferTensorContents field carries each datatype (FP16 only travels raw)
 CONTENTS_FIELD = {

@@ -19,12 +19,12 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from loaders.base import Loader
-from loaders.registry import loader_class
-from server.config import CONFIG_FILENAME, ModelConfig, Settings, load_model_config
-from server.errors import InvalidArgument, NotFound, ServerError
-from server.types import ModelId
-from server.versions import servable_versions
+from fleetserve.loaders.base import Loader
+from fleetserve.loaders.registry import loader_class
+from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, Settings, load_model_config
+from fleetserve.server.errors import InvalidArgument, NotFound, ServerError
+from fleetserve.server.types import ModelId
+from fleetserve.server.versions import servable_versions
 
 # model names: what Triton accepts in practice, minus anything that could walk paths
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")

@@ -21,17 +21,17 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from server.admin import AdminService
-from server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
-from server.inference import InferenceService
-from server.json_codec import (
+from fleetserve.server.admin import AdminService
+from fleetserve.server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
+from fleetserve.server.inference import InferenceService
+from fleetserve.server.json_codec import (
     decode_feedback,
     decode_request,
     encode_response,
     error_body,
     json_object,
 )
-from server.types import InferRequest
+from fleetserve.server.types import InferRequest
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from server.errors import NotFound, Unavailable
-from server.repository import Repository
-from server.routing import NO_ROUTING, Routing, pick, shadowed
-from server.types import ModelId
-from server.versions import parse_version
+from fleetserve.server.errors import NotFound, Unavailable
+from fleetserve.server.repository import Repository
+from fleetserve.server.routing import NO_ROUTING, Routing, pick, shadowed
+from fleetserve.server.types import ModelId
+from fleetserve.server.versions import parse_version
 
 
 class Router:

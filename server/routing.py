@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.errors import InvalidArgument
-from server.files import write_atomically
+from fleetserve.server.errors import InvalidArgument
+from fleetserve.server.files import write_atomically
 
 ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 MAX_ALIASES = 64

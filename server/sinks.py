@@ -22,8 +22,8 @@ from pathlib import Path
 
 import orjson
 
-from server.tensors import pack_tensors
-from server.types import FeedbackRecord, PredictionRecord
+from fleetserve.server.tensors import pack_tensors
+from fleetserve.server.types import FeedbackRecord, PredictionRecord
 
 log = logging.getLogger(__name__)
 Record = PredictionRecord | FeedbackRecord

@@ -13,8 +13,8 @@ from math import prod
 import numpy as np
 import orjson
 
-from server.errors import InvalidArgument
-from server.types import DTYPES, datatype_of
+from fleetserve.server.errors import InvalidArgument
+from fleetserve.server.types import DTYPES, datatype_of
 
 _U32 = struct.Struct("<I")
 

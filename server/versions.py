@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from server.config import VersionPolicy
+from fleetserve.server.config import VersionPolicy
 
 
 def servable_versions(policy: VersionPolicy, on_disk: Iterable[int]) -> list[int]:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders.base import LoadedModel
-from server.config import ModelConfig
-from server.errors import InvalidArgument
-from server.types import DTYPES, ModelId
+from fleetserve.loaders.base import LoadedModel
+from fleetserve.server.config import ModelConfig
+from fleetserve.server.errors import InvalidArgument
+from fleetserve.server.types import DTYPES, ModelId
 
 # config.pbtxt data_type -> V2 datatype (TYPE_STRING is BYTES)
 _CONFIG_DATATYPES = {f"TYPE_{'STRING' if d == 'BYTES' else d}": d for d in DTYPES}

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from loaders import testing
-from server.app import App
-from server.config import Settings
+from fleetserve.loaders import testing
+from fleetserve.server.app import App
+from fleetserve.server.config import Settings
 
 DATATYPES = list(testing.V2_DATATYPES)
 

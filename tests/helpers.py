@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from loaders.base import LoadedModel
+from fleetserve.loaders.base import LoadedModel
 
 # V2 datatype -> numpy type (PROTOCOL.md 2.4); BYTES tensors are object arrays of bytes.
 NUMPY: dict[str, Any] = {

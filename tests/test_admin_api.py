@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from loaders import testing
-from server.types import ModelId
+from fleetserve.loaders import testing
+from fleetserve.server.types import ModelId
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import WAIT_S, Gate
 
@@ -376,7 +376,7 @@ def test_the_admin_cli_drives_the_real_server(
     server: RunningServer, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    from server.cli import main
+    from fleetserve.server.cli import main
 
     versioned(repo, "cli", (1,))
     url = ["admin", "--url", server.http_url]

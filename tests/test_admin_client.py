@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from server.admin_client import add_admin_parser, run_admin
+from fleetserve.server.admin_client import add_admin_parser, run_admin
 
 TOKEN = "s3cret-token"
 ROUTING = {"aliases": {"stable": 3, "canary": 4}, "weights": {"3": 90, "4": 10},

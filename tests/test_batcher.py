@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from loaders import testing
-from loaders.base import LoadedModel, LoadOptions
-from loaders.onnx import OnnxLoader
-from server.batcher import Batcher
-from server.config import BatchPolicy
-from server.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from server.metrics import Metrics
-from server.stats import ModelStats
+from fleetserve.loaders import testing
+from fleetserve.loaders.base import LoadedModel, LoadOptions
+from fleetserve.loaders.onnx import OnnxLoader
+from fleetserve.server.batcher import Batcher
+from fleetserve.server.config import BatchPolicy
+from fleetserve.server.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from fleetserve.server.metrics import Metrics
+from fleetserve.server.stats import ModelStats
 from tests.helpers import NUMPY, WAIT_S, Gate
 
 

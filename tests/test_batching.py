@@ -24,8 +24,8 @@ import tritonclient.http.aio as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from loaders import testing
-from server.types import ModelId
+from fleetserve.loaders import testing
+from fleetserve.server.types import ModelId
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import WAIT_S, Gate, mlp_input, ort_run
 

@@ -41,9 +41,9 @@ import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loaders import testing
-from server.cli import build_parser, settings_from_args
-from server.types import ModelId
+from fleetserve.loaders import testing
+from fleetserve.server.cli import build_parser, settings_from_args
+from fleetserve.server.types import ModelId
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import mlp_input, ort_run
 
@@ -803,7 +803,7 @@ def test_loaded_bytes_stay_within_the_budget(tmp_path):
     budget = MiB
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "server", "serve", "--model-repository", str(tmp_path),
+            sys.executable, "-m", "fleetserve", "serve", "--model-repository", str(tmp_path),
             "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "-1",
             "--metrics-port", "0", "--max-loaded-bytes", str(budget),
         ],

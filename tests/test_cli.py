@@ -1,4 +1,4 @@
-"""The command line: sizes, flags -> Settings, and `python -m server serve --help`."""
+"""The command line: sizes, flags -> Settings, and `python -m fleetserve serve --help`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, parse_size, settings_from_args
-from server.config import Settings
+from fleetserve.server.cli import build_parser, parse_size, settings_from_args
+from fleetserve.server.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ def test_bad_command_lines_are_usage_errors(argv, capsys):
 
 def test_serve_help_runs_as_a_module_and_lists_the_flags():
     result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--help"],
+        [sys.executable, "-m", "fleetserve", "serve", "--help"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

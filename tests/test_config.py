@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from loaders.onnx import OnnxLoader
-from server.config import (
+from fleetserve.loaders.onnx import OnnxLoader
+from fleetserve.server.config import (
     BatchPolicy,
     ModelConfig,
     Settings,
@@ -20,10 +20,10 @@ from server.config import (
     load_model_config,
     parse_model_config,
 )
-from server.errors import InvalidArgument, NotFound
-from server.repository import Repository, check_model_name
-from server.types import ModelId, TensorSpec
-from server.versions import parse_version, servable_versions
+from fleetserve.server.errors import InvalidArgument, NotFound
+from fleetserve.server.repository import Repository, check_model_name
+from fleetserve.server.types import ModelId, TensorSpec
+from fleetserve.server.versions import parse_version, servable_versions
 
 FULL_CONFIG = """
 name: "resnet"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.eviction import POLICIES, Candidate, cost_aware, lru
-from server.types import ModelId
+from fleetserve.server.eviction import POLICIES, Candidate, cost_aware, lru
+from fleetserve.server.types import ModelId
 
 KB, MB, GB = 1000, 1000**2, 1000**3
 

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from loaders import testing
-from server.sinks import DB_FILENAME, SINKS, SqliteSink
-from server.tensors import pack_tensors, unpack_tensors
-from server.types import PredictionRecord
+from fleetserve.loaders import testing
+from fleetserve.server.sinks import DB_FILENAME, SINKS, SqliteSink
+from fleetserve.server.tensors import pack_tensors, unpack_tensors
+from fleetserve.server.types import PredictionRecord
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import WAIT_S, mlp_input
 from tests.test_shutdown import ServerProcess
@@ -262,7 +262,7 @@ def test_a_stalled_sink_drops_what_does_not_fit_and_serving_goes_on(
 
 def spawn(repo: Path, data: Path, *flags: str) -> tuple[ServerProcess, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--model-repository", str(repo),
+        [sys.executable, "-m", "fleetserve", "serve", "--model-repository", str(repo),
          "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "-1", "--metrics-port", "0",
          "--data-dir", str(data), *flags],
         cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -22,8 +22,8 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from server import feedback_export
-from server.feedback_export import (
+from fleetserve.server import feedback_export
+from fleetserve.server.feedback_export import (
     ROW_GROUP_ROWS,
     ExportError,
     ExportSummary,
@@ -32,9 +32,9 @@ from server.feedback_export import (
     parse_time,
     run_feedback,
 )
-from server.sinks import SqliteSink
-from server.tensors import pack_tensors
-from server.types import DTYPES, FeedbackRecord, PredictionRecord
+from fleetserve.server.sinks import SqliteSink
+from fleetserve.server.tensors import pack_tensors
+from fleetserve.server.types import DTYPES, FeedbackRecord, PredictionRecord
 
 
 def strings(*items: bytes) -> np.ndarray:

@@ -17,9 +17,9 @@ import grpc
 import numpy as np
 import pytest
 
-from protos import grpc_service_pb2 as pb
-from protos import health_pb2
-from protos import model_config_pb2 as mc
+from fleetserve.protos import grpc_service_pb2 as pb
+from fleetserve.protos import health_pb2
+from fleetserve.protos import model_config_pb2 as mc
 from tests.helpers import (
     NUMPY,
     assert_identical,

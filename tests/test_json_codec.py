@@ -11,10 +11,10 @@ import numpy as np
 import orjson
 import pytest
 
-from server.errors import ErrorKind, InvalidArgument
-from server.json_codec import decode_request, encode_response, error_body
-from server.tensors import array_from_bytes, bytes_of
-from server.types import DTYPES, InferResponse, RequestedOutput
+from fleetserve.server.errors import ErrorKind, InvalidArgument
+from fleetserve.server.json_codec import decode_request, encode_response, error_body
+from fleetserve.server.tensors import array_from_bytes, bytes_of
+from fleetserve.server.types import DTYPES, InferResponse, RequestedOutput
 
 
 def body_of(doc: Any, binary: bytes = b"") -> tuple[bytes, int | None]:

@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from loaders import testing
-from loaders.base import InputError, LoadedModel, LoadError, LoadOptions, RunError
-from loaders.onnx import OnnxLoader
-from loaders.registry import loader_class
+from fleetserve.loaders import testing
+from fleetserve.loaders.base import InputError, LoadedModel, LoadError, LoadOptions, RunError
+from fleetserve.loaders.onnx import OnnxLoader
+from fleetserve.loaders.registry import loader_class
 
 DATATYPES = list(testing.V2_DATATYPES)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -246,8 +246,8 @@ THREAD_PROBE = """
 import os, sys
 from pathlib import Path
 import numpy as np
-from loaders.base import LoadOptions
-from loaders.onnx import OnnxLoader
+from fleetserve.loaders.base import LoadOptions
+from fleetserve.loaders.onnx import OnnxLoader
 
 def tids():
     return set(os.listdir("/proc/self/task"))

@@ -29,14 +29,14 @@ import tritonclient.http as httpclient
 from aiohttp.test_utils import make_mocked_request
 from tritonclient.utils import InferenceServerException
 
-from loaders import testing
-from protos import grpc_service_pb2 as pb
-from server.admin import AdminService, is_loopback
-from server.config import Settings
-from server.grpc_api import GrpcApi, peer_address
-from server.repository import Repository
-from server.rest_api import RestApi
-from server.types import ModelId
+from fleetserve.loaders import testing
+from fleetserve.protos import grpc_service_pb2 as pb
+from fleetserve.server.admin import AdminService, is_loopback
+from fleetserve.server.config import Settings
+from fleetserve.server.grpc_api import GrpcApi, peer_address
+from fleetserve.server.repository import Repository
+from fleetserve.server.rest_api import RestApi
+from fleetserve.server.types import ModelId
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import mlp_input, ort_run
 
@@ -622,8 +622,8 @@ def test_the_admin_access_rule(
     token: str | None, address: str, authorization: str | None, host: str | None,
     origin: str | None, allowed: bool,
 ) -> None:  # fmt: skip
-    from server.admin import authorize
-    from server.errors import Unauthenticated
+    from fleetserve.server.admin import authorize
+    from fleetserve.server.errors import Unauthenticated
 
     if allowed:
         authorize(token, address, authorization, host, origin)

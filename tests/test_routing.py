@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import InvalidArgument
-from server.routing import Routing, RoutingStore, parse_routing, pick, shadowed
+from fleetserve.server.errors import InvalidArgument
+from fleetserve.server.routing import Routing, RoutingStore, parse_routing, pick, shadowed
 
 
 def test_parse_routing_reads_aliases_weights_and_shadow() -> None:

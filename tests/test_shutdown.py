@@ -1,4 +1,4 @@
-"""Graceful shutdown of a real `python -m server serve` process.
+"""Graceful shutdown of a real `python -m fleetserve serve` process.
 
 Each test starts the server as a subprocess on ephemeral ports (read back from its
 "fleetserve ready: ..." log line), talks to it over real sockets, signals it and checks
@@ -33,8 +33,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from loaders import testing
-from protos import grpc_service_pb2 as pb
+from fleetserve.loaders import testing
+from fleetserve.protos import grpc_service_pb2 as pb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIM = 1024
@@ -145,7 +145,7 @@ def start_server(model_repo: Path) -> Iterator:
     def start(repo: Path = model_repo) -> ServerProcess:
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "server", "serve",
+                sys.executable, "-m", "fleetserve", "serve",
                 "--model-repository", str(repo), "--host", "127.0.0.1",
                 "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
                 "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
@@ -430,7 +430,7 @@ def test_model_repository_that_is_not_a_directory_exits_2(tmp_path, kind):
     if kind == "file":
         path.write_text("not a directory")
     result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--model-repository", str(path)],
+        [sys.executable, "-m", "fleetserve", "serve", "--model-repository", str(path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loaders import testing
-from loaders.base import LoadedModel, LoadOptions
-from loaders.onnx import OnnxLoader
-from server.config import parse_model_config
-from server.errors import InvalidArgument
-from server.types import ModelId
-from server.warmup import warm_up
+from fleetserve.loaders import testing
+from fleetserve.loaders.base import LoadedModel, LoadOptions
+from fleetserve.loaders.onnx import OnnxLoader
+from fleetserve.server.config import parse_model_config
+from fleetserve.server.errors import InvalidArgument
+from fleetserve.server.types import ModelId
+from fleetserve.server.warmup import warm_up
 from tests.conftest import start_server, stop_server, test_settings
 
 
