@@ -25,14 +25,6 @@ from fleetserve.protos import model_config_pb2 as mc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Fields we carry that tritonclient 2.41's grpc_service.proto predates (they
-# are in Triton's current grpc_service.proto). Old clients skip them as unknown.
-NEWER_THAN_TRITONCLIENT = {
-    "inference.InferResponseStatistics",
-    "inference.ModelStatistics.response_stats",
-    "inference.ModelStatistics.ResponseStatsEntry",
-}
-
 
 # --------------------------------------------------------------------------
 # (a) stubs are up to date
@@ -351,6 +343,16 @@ def wire_messages() -> list:
                         )
                     ],
                     memory_usage=[pb.MemoryUsage(type="GPU", id=1, byte_size=2**33)],
+                    response_stats={
+                        "0": pb.InferResponseStatistics(
+                            compute_infer=duration(1, 12),
+                            compute_output=duration(1, 13),
+                            success=duration(1, 14),
+                            fail=duration(2, 15),
+                            empty_response=duration(3, 16),
+                            cancel=duration(4, 17),
+                        )
+                    },
                 )
             ]
         ),
@@ -461,20 +463,6 @@ def test_our_stubs_and_tritonclients_share_one_process():
         assert type(theirs).FromString(ours.SerializeToString()) == theirs
 
 
-def test_response_stats_is_skipped_by_old_tritonclient():
-    stats = pb.ModelStatistics(
-        name="m",
-        response_stats={
-            "0": pb.InferResponseStatistics(success=duration(1, 2), cancel=duration(3, 4))
-        },
-    )
-    ours = pb.ModelStatisticsResponse(model_stats=[stats])
-    theirs = triton_pb.ModelStatisticsResponse.FromString(ours.SerializeToString())
-    assert as_dict(theirs) == {"model_stats": [{"name": "m"}]}
-    back = pb.ModelStatisticsResponse.FromString(theirs.SerializeToString())
-    assert back.model_stats[0] == stats  # unknown field preserved through the old client
-
-
 def test_request_built_by_tritonclient_decodes_with_our_stubs():
     request = pb.ModelInferRequest.FromString(tritonclient_request().SerializeToString())
     assert (request.model_name, request.model_version, request.id) == ("resnet", "3", "req-1")
@@ -507,11 +495,7 @@ def test_grpc_service_descriptors_match_tritonclient():
     ours = describe_file(pb.DESCRIPTOR)
     missing = sorted(set(theirs) - set(ours))
     assert not missing, f"Triton symbols missing from grpc_service.proto: {missing}"
-    extra = sorted(
-        name
-        for name in set(ours) - set(theirs)
-        if not any(name == n or name.startswith(n + ".") for n in NEWER_THAN_TRITONCLIENT)
-    )
+    extra = sorted(set(ours) - set(theirs))
     assert not extra, f"symbols in grpc_service.proto that Triton does not have: {extra}"
     differ = {n: (ours[n], theirs[n]) for n in theirs if ours[n] != theirs[n]}
     assert not differ, f"(ours, Triton's) differ: {differ}"

@@ -1,8 +1,8 @@
 """The compatibility promise: Triton's own Python clients work against fleetserve unchanged.
 
-Every test drives the real server (conftest's `server`) with tritonclient 2.41, over
-HTTP and gRPC where both make sense, and checks results against onnxruntime run
-directly on the same model file with the same input.
+Every test drives the real server (conftest's `server`) with the newest tritonclient
+(the test extra asks for 2.73 or later), over HTTP and gRPC where both make sense, and
+checks results against onnxruntime run directly on the same model file with the same input.
 """
 
 from __future__ import annotations
