@@ -68,7 +68,7 @@ class TritonMetrics:
     """Triton's families for the versions `watch` names, rendered when scraped."""
 
     def __init__(self) -> None:
-        self._versions: Callable[[], Iterable[Servable]] = tuple
+        self._versions: Callable[[], Iterable[Servable]] = tuple  # none until `watch`
         # per loaded version: [rejected, backend]; the rest of its statistics' failures are
         # OTHER. Keyed weakly by the version's Servable, so the counts live exactly as
         # long as its statistics (a reload starts both from zero).
@@ -80,7 +80,7 @@ class TritonMetrics:
         self._versions = versions
 
     def failed(self, version: Servable, error: ServerError) -> None:
-        """Count why a request the version's statistics counted as failed failed."""
+        """Record the reason of a failure the version's statistics have just counted."""
         if error.kind in _REJECTED:
             index = 0
         elif error.kind is ErrorKind.INTERNAL:  # the model's run raised

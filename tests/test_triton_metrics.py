@@ -237,9 +237,9 @@ def test_the_selector_evaluator_reads_selectors_matchers_ranges_and_grouping() -
 # -- traffic ---------------------------------------------------------------------------
 
 
-def traffic(server: RunningServer, gated: str) -> None:
-    """Successes on a model that does not batch, a batch whose requests waited in a
-    queue (on the batching model `gated`), and a request whose model run fails."""
+def traffic(server: RunningServer, gated: str, queue: int = 2) -> None:
+    """Successes on a model that does not batch, a batch of `queue` requests that waited
+    in a queue (on the batching model `gated`), and a request whose model run fails."""
     gate = install_gate(server, gated)
 
     async def main() -> None:
@@ -251,9 +251,9 @@ def traffic(server: RunningServer, gated: str) -> None:
             await started(gate)
             waiting = [
                 asyncio.ensure_future(rest.infer(gated, [rest_input(mlp_input(1, s))]))
-                for s in (1, 2)
+                for s in range(1, queue + 1)
             ]
-            await queued(server, gated, 2)
+            await queued(server, gated, queue)
             gate.open()
             await asyncio.gather(first, *waiting)
             with pytest.raises(InferenceServerException, match="failed to run"):
@@ -374,16 +374,16 @@ def test_counts_grow_with_requests_and_equal_the_statistics_extension(
 
 
 def test_queue_and_compute_durations_of_a_merged_batch(server: RunningServer) -> None:
-    traffic(server, "merged")  # one alone, then two that waited run as one batch
+    traffic(server, "merged", queue=8)  # one alone, then eight that waited run as one
     m = scrape(server)
     v = dict(model="merged", version="1")
-    assert m.get("nv_inference_request_success", **v) == 3
-    assert m.get("nv_inference_count", **v) == 3
+    assert m.get("nv_inference_request_success", **v) == 9
+    assert m.get("nv_inference_count", **v) == 9
     assert m.get("nv_inference_exec_count", **v) == 2
     assert m.get("nv_inference_queue_duration_us", **v) > 0
     assert m.get("nv_inference_compute_input_duration_us", **v) > 0
     assert m.get("nv_inference_compute_infer_duration_us", **v) > 0
-    assert m.get("nv_inference_compute_output_duration_us", **v) > 0  # split in two
+    assert m.get("nv_inference_compute_output_duration_us", **v) > 0  # split in eight
     assert m.get("nv_inference_request_duration_us", **v) >= m.get(
         "nv_inference_queue_duration_us", **v
     )
