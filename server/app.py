@@ -91,6 +91,7 @@ class App:
             max_pending=s.max_queue_size,
         )  # fmt: skip
         self.metrics.queue_depths(self.service.queue_depths)
+        self.metrics.triton.watch(cache.loaded)
         self.admin = AdminService(
             self.repository, self.cache, self.router, s, self.repository_pool, self.load_pool
         )

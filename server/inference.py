@@ -131,7 +131,9 @@ class InferenceService:
                     s.stats.record_execution(rows, t1 - t0, time.perf_counter_ns() - t1, 0)
             except Exception as exc:
                 s.stats.record_failure(time.perf_counter_ns() - t0)
-                raise run_error(str(s.id), exc) from None
+                error = run_error(str(s.id), exc)
+                self._metrics.triton.failed(s, error)
+                raise error from None
             finally:
                 self._cache.release(s)
             now = time.perf_counter_ns()

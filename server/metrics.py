@@ -6,7 +6,10 @@ and three additions, with no lock (everything runs on the event loop).
 
 Model names are a label with bounded cardinality: the first `max_models` names seen
 get their own series, later ones are summed into "other", so thousands of models
-cannot blow up the scrape.
+cannot blow up the scrape. Triton's own families (`nv_*`, server/triton_metrics.py)
+follow Triton instead: real names, for the loaded versions only. The process's CPU,
+memory, open files, garbage collector and Python version are prometheus_client's
+standard `process_*` and `python_*` families.
 """
 
 from __future__ import annotations
@@ -15,7 +18,16 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,6 +35,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from fleetserve.server.triton_metrics import TritonMetrics
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10,
@@ -161,6 +175,10 @@ class Metrics:
     def __init__(self, max_models: int = 100) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self._max_models = max_models
+        self.triton = TritonMetrics()  # Triton's nv_* families, rendered beside these
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Histograms(
             "fleetserve_request_duration_seconds",
             "Inference request latency inside the server, from receipt to response",
@@ -248,4 +266,4 @@ class Metrics:
         self.registry.register(CallbackCounter(name, documentation, read))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + self.triton.render()
