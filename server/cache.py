@@ -428,7 +428,7 @@ class ModelCache:
             outputs=full_out,
             inline=run_us is not None and run_us < self._inline_run_us,
             run_us=run_us if run_us is not None else float("nan"),
-            pinned=config.parameters.get("pinned", "").lower() == "true",
+            pinned=config.pinned,
             batching=config.batch_policy(settings.max_queue_size),
             feedback_rate=config.feedback_rate(settings.feedback_sample_rate),
         )
