@@ -261,7 +261,8 @@ class AdminService:
         repository on disk only. A failed load raises Unavailable with the reason (the
         version then reports it in the index); a model larger than the memory budget
         raises ResourceExhausted. Once every version is loaded, versions that left the
-        version policy are unloaded (drained); a failed load leaves them serving.
+        version policy are unloaded (drained); a failed load leaves them serving. Puts
+        every version of the model back in service after an unload.
         """
         check_model_name(name)
         if parameters:
@@ -282,6 +283,7 @@ class AdminService:
             entry = self._repository.entry(name)
             if entry.config is None or not entry.servable:
                 raise Unavailable(f"model {name!r} failed to load: {_why(entry)}")
+            self._cache.reinstate(name)
             servable = self._router.servable(name)  # the policy's, plus routed versions
             ids = [ModelId(name, v) for v in servable]
             results = await asyncio.gather(
@@ -296,35 +298,34 @@ class AdminService:
                 if model_id.name == name and model_id.version not in servable
                 and state in ACTIVE
             ]  # fmt: skip
-            await self._unload(stale)
+            await self._unload(stale, out_of_service=False)
         audit(who or "unknown", "repository load", name, None)
 
     @to_completion
     async def unload(self, name: str, who: str = "") -> None:
-        """Unload every loaded version of a model, letting its requests finish (drain).
-
-        Idempotent: a model that is not loaded is a success. Unknown model: NotFound.
-        Models load lazily, so a later request loads it again.
+        """Take a model out of service (Triton's unload): every version it has, loaded
+        or not, drains (its requests finish) and is refused until the model or the
+        version is loaded again. Idempotent. Unknown model: NotFound. Whatever its
+        routing: the routing stays and applies again once the model is loaded.
         """
         check_model_name(name)
         async with self._exclusive(name):
-            self._known(name)
-            await self._unload([i for i in self._cache.states() if i.name == name])
+            entry = self._known(name)
+            ids = {ModelId(name, v) for v in entry.versions}
+            ids.update(i for i in self._cache.states() if i.name == name)
+            await self._unload(sorted(ids))
             if not any(
                 i.name == name and s in ACTIVE for i, (s, _) in self._cache.states().items()
             ):
                 self._repository.forget(name)  # only if the last rescan did not list it
         audit(who or "unknown", "repository unload", name, None)
 
-    async def _unload(self, ids: list[ModelId]) -> None:
-        async def one(model_id: ModelId) -> None:
-            await self._cache.settle(model_id)  # a load in flight finishes first
-            if self._cache.state(model_id)[0] is ModelState.READY:
-                await self._cache.unload(model_id)
-
-        results = await asyncio.gather(*(one(i) for i in ids), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, NotFound):
+    async def _unload(self, ids: list[ModelId], *, out_of_service: bool = True) -> None:
+        """Drain and free versions; `out_of_service`: until loaded again (else they load
+        again on first use: a version that left the policy, a deleted one)."""
+        unloads = (self._cache.unload(i, out_of_service=out_of_service) for i in ids)
+        for result in await asyncio.gather(*unloads, return_exceptions=True):
+            if isinstance(result, BaseException):
                 raise result
 
     # -- the admin API ---------------------------------------------------------------
@@ -453,6 +454,7 @@ class AdminService:
             if action == "load":
                 await self._cache.load(model_id, reload=True)
             elif action == "unload":
+                self._unrouted(name, number, "unloading")
                 await self._unload([model_id])
             else:
                 routing = self._router.routing(name)
@@ -472,18 +474,14 @@ class AdminService:
             entry = self._known(name)
             if number not in entry.versions:
                 raise NotFound(f"model {name!r} has no version {number} on disk")
-            if number in self._router.routing(name).versions:
-                raise AlreadyExists(
-                    f"version {number} of {name!r} is named by its routing (alias, weight, "
-                    "shadow or pin): route traffic away from it first"
-                )
+            self._unrouted(name, number, "deleting")
             # disappear first (new requests go elsewhere, nothing reloads it), then drain:
             # the requests already on it finish there
             gone = entry.path / f".deleted-{number}-{uuid.uuid4().hex[:8]}"
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, retire, entry.path / str(number), gone)
             await self.rescan(fresh=(name,))
-            await self._unload([ModelId(name, number)])
+            await self._unload([ModelId(name, number)], out_of_service=False)
         audit(who, "delete", name, number)
 
     def get_routing(self, name: str) -> dict[str, Any]:
@@ -518,6 +516,15 @@ class AdminService:
                 self._executor, self._store.save, routes
             )
             self._router.set_routing(name, routing)
+
+    def _unrouted(self, name: str, number: int, doing: str) -> None:
+        """AlreadyExists while routing names the version: a split, shadow or alias must
+        never point at a version taken out of service."""
+        if number in self._router.routing(name).versions:
+            raise AlreadyExists(
+                f"version {number} of {name!r} is named by its routing (alias, weight, "
+                f"shadow or pin): route traffic away from it before {doing} it"
+            )
 
     def _known(self, name: str) -> ModelEntry:
         """The model's entry; NotFound if the repository does not have it."""

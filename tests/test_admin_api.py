@@ -38,7 +38,9 @@ def versioned(root: Path, name: str, versions: tuple[int, ...] = (1, 2)) -> None
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("admin")
-    for name in ("up", "cfg", "route", "sticky", "shadow", "gone", "pins", "swap"):
+    names = ("up", "cfg", "route", "sticky", "shadow", "gone", "pins", "swap", "unl", "routed",
+             "split", "withcfg")  # fmt: skip
+    for name in names:
         versioned(root, name)
     return root
 
@@ -303,6 +305,58 @@ def test_pin_loads_and_keeps_a_version_and_unpin_lets_it_go(server: RunningServe
     assert call(server, "GET", "/v2/admin/models/pins")[2]["versions"][1]["pinned"] is False
     status, _, reply = call(server, "POST", "/v2/admin/models/pins/versions/2/explode")
     assert status == 404 and "no admin action" in reply["error"]
+
+
+def test_an_admin_unload_takes_one_version_out_of_service_until_it_is_loaded(
+    server: RunningServer,
+) -> None:
+    assert infer(server, "unl") == (200, "2", 2.0)
+    assert call(server, "POST", "/v2/admin/models/unl/versions/2/unload")[0] == 200
+    for version in (None, "2"):  # unversioned requests go to the latest version: 2
+        status, message, _ = infer(server, "unl", version)
+        assert status == 503 and "model unl:2 was unloaded" in message
+    ready = urllib.request.Request(f"{server.http_url}/v2/models/unl/versions/2/ready")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(ready, timeout=WAIT_S)
+    assert err.value.code == 400
+    state = call(server, "GET", "/v2/admin/models/unl")[2]["versions"][1]
+    assert (state["state"], state["reason"]) == ("UNAVAILABLE", "unloaded")
+    assert call(server, "POST", "/v2/admin/models/unl/versions/2/load")[0] == 200
+    assert infer(server, "unl") == (200, "2", 2.0)
+    assert urllib.request.urlopen(ready, timeout=WAIT_S).status == 200
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [{"weights": {"1": 50, "2": 50}}, {"shadow": {"version": 1, "fraction": 0.5}},
+     {"aliases": {"old": 1}}],
+    ids=["weight", "shadow", "alias"],
+)  # fmt: skip
+def test_an_admin_unload_is_refused_while_routing_names_the_version(
+    server: RunningServer, routing: dict
+) -> None:
+    assert call(server, "PUT", "/v2/admin/models/routed/routing", routing)[0] == 200
+    status, _, reply = call(server, "POST", "/v2/admin/models/routed/versions/1/unload")
+    assert status == 409 and "route traffic away from it before unloading it" in reply["error"]
+    assert call(server, "PUT", "/v2/admin/models/routed/routing", {})[0] == 200
+    assert call(server, "POST", "/v2/admin/models/routed/versions/1/unload")[0] == 200
+    assert call(server, "POST", "/v2/admin/models/routed/versions/1/load")[0] == 200
+
+
+def test_a_repository_unload_takes_a_split_model_out_whole_until_it_is_loaded(
+    server: RunningServer,
+) -> None:
+    split = {"weights": {"1": 1, "2": 1}}
+    assert call(server, "PUT", "/v2/admin/models/split/routing", split)[0] == 200
+    assert {infer(server, "split", key=f"k{i}")[1] for i in range(40)} == {"1", "2"}
+    assert call(server, "POST", "/v2/repository/models/split/unload")[0] == 200
+    answers = {infer(server, "split", key=f"k{i}")[:2] for i in range(40)}
+    assert {status for status, _ in answers} == {503}
+    assert {m.split(" was ")[0] for _, m in answers} == {"model split:1", "model split:2"}
+    # the routing stays, and applies again once the model is loaded
+    assert call(server, "GET", "/v2/admin/models/split/routing")[2]["weights"] == split["weights"]
+    assert call(server, "POST", "/v2/repository/models/split/load")[0] == 200
+    assert {infer(server, "split", key=f"k{i}")[1] for i in range(40)} == {"1", "2"}
 
 
 def test_routing_and_pins_survive_a_restart(tmp_path: Path) -> None:
