@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from fleetserve.loaders.base import LoadError
 from fleetserve.loaders.registry import loader_class
-from fleetserve.server.cache import ModelCache
+from fleetserve.server.cache import ModelCache, checked_config
 from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, Settings, parse_model_config
 from fleetserve.server.errors import (
     AlreadyExists,
@@ -38,7 +38,13 @@ from fleetserve.server.errors import (
     Unauthenticated,
     Unavailable,
 )
-from fleetserve.server.files import flush_file, publish, retire, write_atomically
+from fleetserve.server.files import (
+    flush_file,
+    fsync_directory,
+    publish,
+    retire,
+    write_atomically,
+)
 from fleetserve.server.repository import ModelEntry, Repository, Snapshot, check_model_name
 from fleetserve.server.router import Router
 from fleetserve.server.routing import Routing, RoutingStore, parse_routing
@@ -360,37 +366,59 @@ class AdminService:
         return out
 
     async def upload(
-        self, name: str, version: str, body: AsyncIterator[bytes], who: str
-    ) -> dict[str, Any]:
-        """Write a new version atomically: into a hidden directory, fsynced, trial-loaded
-        (a file that does not load is refused), then renamed into place. A crash leaves
-        no half model visible; an existing version is never overwritten."""
+        self, name: str, version: str, body: AsyncIterator[bytes], who: str,
+        config: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Add a version atomically, with the model's config.pbtxt when `config` is given.
+
+        The file is staged in a hidden directory (for a new model, the whole model
+        directory), fsynced, trial-loaded with the config it will serve with (a file
+        that does not load or does not match the config is refused), then renamed into
+        place. A refused upload leaves the repository as it was, a crash a hidden
+        leftover at worst; an existing version is never overwritten. A model whose
+        config.pbtxt on disk is broken takes a new version only with a new config.
+        """
         check_model_name(name)
         number = _version_number(version)
+        model_id = ModelId(name, number)
+        new_config = None if config is None else self._parse_config(name, config)
         async with self._exclusive(name):
-            model_dir = self._repository.root / name
+            await self.rescan(fresh=(name,))
             entry = self._repository.entry(name) if name in self._repository.names else None
-            exists = entry is not None and number in entry.versions
-            if exists or (model_dir / str(number)).exists():
+            if entry is not None and number in entry.versions:
                 raise AlreadyExists(f"model {name!r} already has version {number}")
-            filename = (entry.config.default_model_filename
-                        if entry is not None and entry.config else "model.onnx")  # fmt: skip
+            if entry is not None and entry.config is None and new_config is None:
+                raise InvalidArgument(
+                    f"{entry.error} (send a corrected config.pbtxt with the upload)"
+                )
+            serving = new_config or (entry.config if entry else None) or ModelConfig(name)
+            tag = f"{number}-{uuid.uuid4().hex[:8]}"
+            if entry is None:  # a new model: staged whole, published by one rename
+                staging = self._repository.root / f".upload-{name}-{tag}"
+                target, version_dir = self._repository.root / name, staging / str(number)
+            else:
+                staging = entry.path / f".upload-{tag}"
+                target, version_dir = entry.path / str(number), staging
+            path = version_dir / serving.default_model_filename
             loop = asyncio.get_running_loop()
-            staging = model_dir / f".upload-{number}-{uuid.uuid4().hex[:8]}"
-            new_model = not model_dir.exists()
-            if (staging / filename).parent != staging:  # the config's name is a plain one
-                raise InvalidArgument(f"model {name!r}: bad default_model_filename {filename!r}")
             try:
-                size = await self._receive(body, staging / filename)
-                path = staging / filename
-                await loop.run_in_executor(self._load_pool, self._trial_load, name, path)
+                size = await self._receive(body, path)
                 await loop.run_in_executor(
-                    self._executor, publish, staging, model_dir / str(number)
+                    self._load_pool, self._trial_load, model_id, serving, path
+                )
+                await loop.run_in_executor(
+                    self._executor, _install, staging, target, version_dir, config
                 )
             finally:
-                await loop.run_in_executor(self._executor, _clean_up, staging, new_model)
+                await loop.run_in_executor(self._executor, shutil.rmtree, staging, True)
             await self.rescan(fresh=(name,))
-        audit(who, "upload", name, number, f"{size} bytes")
+        audit(
+            who,
+            "upload",
+            name,
+            number,
+            f"{size} bytes" + (" and config" if config is not None else ""),
+        )
         return {"name": name, "version": str(number), "bytes": size}
 
     async def _receive(self, body: AsyncIterator[bytes], path: Path) -> int:
@@ -411,26 +439,40 @@ class AdminService:
             await loop.run_in_executor(self._executor, f.close)
         return size
 
-    def _trial_load(self, name: str, path: Path) -> None:
-        """Load the uploaded file once (in the load pool) and drop it: refuse what cannot load."""
-        entry = self._repository.entry(name) if name in self._repository.names else None
-        config = entry.config if entry is not None and entry.config else ModelConfig(name)
+    def _trial_load(self, model_id: ModelId, config: ModelConfig, path: Path) -> None:
+        """Load the uploaded file once (in the load pool), check it against the config it
+        will serve with, and drop it: refuse what could not serve."""
+        options = config.load_options(self._settings)
         try:
-            model = loader_class(config.platform)(path, config.load_options(self._settings)).load()
+            model = loader_class(config.platform)(path, options).load()
         except LoadError as exc:
             raise InvalidArgument(f"the uploaded file is not a loadable model: {exc}") from None
-        model.unload()
+        try:
+            checked_config(model_id, config, model, self._settings)
+        finally:
+            model.unload()
+
+    @staticmethod
+    def _parse_config(name: str, text: str) -> ModelConfig:
+        """The one check of an uploaded config.pbtxt: InvalidArgument naming the problem."""
+        if len(text) > MAX_CONFIG_CHARS:
+            raise InvalidArgument(f"config.pbtxt is limited to {MAX_CONFIG_CHARS} characters")
+        return parse_model_config(text, name)
 
     @to_completion
     async def put_config(self, name: str, text: str, who: str) -> None:
         """Replace a model's config.pbtxt atomically after checking it parses. Loaded
         versions keep the config they loaded with until they are loaded again."""
         check_model_name(name)
-        if len(text) > MAX_CONFIG_CHARS:
-            raise InvalidArgument(f"config.pbtxt is limited to {MAX_CONFIG_CHARS} characters")
-        parse_model_config(text, name)  # InvalidArgument naming the problem
+        self._parse_config(name, text)
         path = self._repository.root / name / CONFIG_FILENAME
         async with self._exclusive(name):
+            await self.rescan(fresh=(name,))
+            if name not in self._repository.names:
+                raise NotFound(
+                    f"unknown model {name!r}: upload its first version with its config "
+                    "(one request), so that no model without a version appears"
+                )
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, write_atomically, path, text.encode()
             )
@@ -559,13 +601,25 @@ def _version_number(text: str) -> int:
     return number
 
 
-def _clean_up(staging: Path, new_model: bool) -> None:
-    """After an upload: remove its staging directory, and the model directory if the
-    upload created it and nothing else is in it (a refused new model leaves no trace)."""
-    shutil.rmtree(staging, ignore_errors=True)
+def _install(staging: Path, target: Path, version_dir: Path, config: str | None) -> None:
+    """Publish a staged upload (file I/O: off the loop). A new model's directory is
+    staged whole, its config inside, and appears with one rename; for an existing model
+    the version is renamed into place, then its config replaced (a failed replacement
+    takes the version away again, leaving the model as it was)."""
+    new_model = version_dir != staging
     if new_model:
-        with contextlib.suppress(OSError):
-            staging.parent.rmdir()  # only when empty
+        if config is not None:
+            write_atomically(staging / CONFIG_FILENAME, config.encode())
+        fsync_directory(version_dir)
+        publish(staging, target)
+        return
+    publish(staging, target)
+    if config is not None:
+        try:
+            write_atomically(target.parent / CONFIG_FILENAME, config.encode())
+        except BaseException:
+            retire(target, staging)
+            raise
 
 
 @dataclass(slots=True)

@@ -445,14 +445,8 @@ class ModelCache:
 
     def _prepare(self, model_id: ModelId, config: ModelConfig, model: LoadedModel) -> Servable:
         """Check the config against the model, complete it, and time one warm run."""
-        inputs = [_spec(s) for s in model.inputs]
-        outputs = [_spec(s) for s in model.outputs]
         settings = self._settings
-        config = config.completed(
-            inputs, outputs, settings.default_max_batch_size, settings.dynamic_batching
-        )
-        _check_against_model(model_id, "input", config.inputs, inputs, config.max_batch_size)
-        _check_against_model(model_id, "output", config.outputs, outputs, config.max_batch_size)
+        config = checked_config(model_id, config, model, settings)
         batch = (-1,) if config.max_batch_size > 0 else ()
         full_in = {s.name: TensorSpec(s.name, s.datatype, batch + s.shape) for s in config.inputs}
         full_out = {s.name: TensorSpec(s.name, s.datatype, batch + s.shape) for s in config.outputs}
@@ -560,6 +554,21 @@ def _resident_bytes() -> int:
 
 def _spec(sig: TensorSig) -> TensorSpec:
     return TensorSpec(sig.name, datatype_of(sig.dtype), sig.shape)
+
+
+def checked_config(
+    model_id: ModelId, config: ModelConfig, model: LoadedModel, settings: Settings
+) -> ModelConfig:
+    """The config completed from the model's own signature; InvalidArgument naming the
+    tensor where they disagree (loads, and the admin API's trial loads of uploads)."""
+    inputs = [_spec(s) for s in model.inputs]
+    outputs = [_spec(s) for s in model.outputs]
+    config = config.completed(
+        inputs, outputs, settings.default_max_batch_size, settings.dynamic_batching
+    )
+    _check_against_model(model_id, "input", config.inputs, inputs, config.max_batch_size)
+    _check_against_model(model_id, "output", config.outputs, outputs, config.max_batch_size)
+    return config
 
 
 def _check_against_model(

@@ -1,6 +1,6 @@
 """A config.pbtxt field fleetserve does not act on is an error naming it at every entry
-point: the repository index, loads (and requests), and the admin API's config uploads,
-all through the one check in server/config.py.
+point: the repository index, loads (and requests), and the admin API's config and model
+uploads, all through the one check in server/config.py.
 
 One server on a repository holding a model per field with that field in its config.pbtxt
 (as on disk), driven with tritonclient over both protocols and the admin REST API.
@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from fleetserve.loaders import testing
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
-from tests.helpers import WAIT_S, tree
+from tests.helpers import WAIT_S, tree, upload_with_config
 
 # the fields the issue found accepted silently: (config.pbtxt text, the field as named)
 FIELDS = {
@@ -130,4 +130,18 @@ def test_a_config_upload_names_the_field(
     before = tree(repo)
     status, body = put(f"{server.http_url}/v2/admin/models/good/config", text.encode())
     assert status == 400 and named in body
+    assert tree(repo) == before
+
+
+@pytest.mark.parametrize("target", ["new-model", "new-version"])
+def test_a_model_upload_with_the_config_names_the_field(
+    server: RunningServer, repo: Path, field: tuple[str, str, str], target: str
+) -> None:
+    _, text, named = field
+    path = "fresh/versions/1" if target == "new-model" else "good/versions/2"
+    before = tree(repo)
+    status, reply = upload_with_config(
+        f"{server.http_url}/v2/admin/models/{path}", testing.fixed_shape((2,)), text
+    )
+    assert status == 400 and named in reply["error"]
     assert tree(repo) == before
