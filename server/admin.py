@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from fleetserve.loaders.base import LoadError
 from fleetserve.loaders.registry import loader_class
-from fleetserve.server.cache import ModelCache
+from fleetserve.server.cache import ModelCache, checked_config
 from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, Settings, parse_model_config
 from fleetserve.server.errors import (
     AlreadyExists,
@@ -38,7 +38,13 @@ from fleetserve.server.errors import (
     Unauthenticated,
     Unavailable,
 )
-from fleetserve.server.files import flush_file, publish, retire, write_atomically
+from fleetserve.server.files import (
+    flush_file,
+    fsync_directory,
+    publish,
+    retire,
+    write_atomically,
+)
 from fleetserve.server.repository import ModelEntry, Repository, Snapshot, check_model_name
 from fleetserve.server.router import Router
 from fleetserve.server.routing import Routing, RoutingStore, parse_routing
@@ -261,7 +267,8 @@ class AdminService:
         repository on disk only. A failed load raises Unavailable with the reason (the
         version then reports it in the index); a model larger than the memory budget
         raises ResourceExhausted. Once every version is loaded, versions that left the
-        version policy are unloaded (drained); a failed load leaves them serving.
+        version policy are unloaded (drained); a failed load leaves them serving. Puts
+        every version of the model back in service after an unload.
         """
         check_model_name(name)
         if parameters:
@@ -282,6 +289,7 @@ class AdminService:
             entry = self._repository.entry(name)
             if entry.config is None or not entry.servable:
                 raise Unavailable(f"model {name!r} failed to load: {_why(entry)}")
+            self._cache.reinstate(name)
             servable = self._router.servable(name)  # the policy's, plus routed versions
             ids = [ModelId(name, v) for v in servable]
             results = await asyncio.gather(
@@ -296,35 +304,34 @@ class AdminService:
                 if model_id.name == name and model_id.version not in servable
                 and state in ACTIVE
             ]  # fmt: skip
-            await self._unload(stale)
+            await self._unload(stale, out_of_service=False)
         audit(who or "unknown", "repository load", name, None)
 
     @to_completion
     async def unload(self, name: str, who: str = "") -> None:
-        """Unload every loaded version of a model, letting its requests finish (drain).
-
-        Idempotent: a model that is not loaded is a success. Unknown model: NotFound.
-        Models load lazily, so a later request loads it again.
+        """Take a model out of service (Triton's unload): every version it has, loaded
+        or not, drains (its requests finish) and is refused until the model or the
+        version is loaded again. Idempotent. Unknown model: NotFound. Whatever its
+        routing: the routing stays and applies again once the model is loaded.
         """
         check_model_name(name)
         async with self._exclusive(name):
-            self._known(name)
-            await self._unload([i for i in self._cache.states() if i.name == name])
+            entry = self._known(name)
+            ids = {ModelId(name, v) for v in entry.versions}
+            ids.update(i for i in self._cache.states() if i.name == name)
+            await self._unload(sorted(ids))
             if not any(
                 i.name == name and s in ACTIVE for i, (s, _) in self._cache.states().items()
             ):
                 self._repository.forget(name)  # only if the last rescan did not list it
         audit(who or "unknown", "repository unload", name, None)
 
-    async def _unload(self, ids: list[ModelId]) -> None:
-        async def one(model_id: ModelId) -> None:
-            await self._cache.settle(model_id)  # a load in flight finishes first
-            if self._cache.state(model_id)[0] is ModelState.READY:
-                await self._cache.unload(model_id)
-
-        results = await asyncio.gather(*(one(i) for i in ids), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, NotFound):
+    async def _unload(self, ids: list[ModelId], *, out_of_service: bool = True) -> None:
+        """Drain and free versions; `out_of_service`: until loaded again (else they load
+        again on first use: a version that left the policy, a deleted one)."""
+        unloads = (self._cache.unload(i, out_of_service=out_of_service) for i in ids)
+        for result in await asyncio.gather(*unloads, return_exceptions=True):
+            if isinstance(result, BaseException):
                 raise result
 
     # -- the admin API ---------------------------------------------------------------
@@ -359,37 +366,59 @@ class AdminService:
         return out
 
     async def upload(
-        self, name: str, version: str, body: AsyncIterator[bytes], who: str
-    ) -> dict[str, Any]:
-        """Write a new version atomically: into a hidden directory, fsynced, trial-loaded
-        (a file that does not load is refused), then renamed into place. A crash leaves
-        no half model visible; an existing version is never overwritten."""
+        self, name: str, version: str, body: AsyncIterator[bytes], who: str,
+        config: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Add a version atomically, with the model's config.pbtxt when `config` is given.
+
+        The file is staged in a hidden directory (for a new model, the whole model
+        directory), fsynced, trial-loaded with the config it will serve with (a file
+        that does not load or does not match the config is refused), then renamed into
+        place. A refused upload leaves the repository as it was, a crash a hidden
+        leftover at worst; an existing version is never overwritten. A model whose
+        config.pbtxt on disk is broken takes a new version only with a new config.
+        """
         check_model_name(name)
         number = _version_number(version)
+        model_id = ModelId(name, number)
+        new_config = None if config is None else self._parse_config(name, config)
         async with self._exclusive(name):
-            model_dir = self._repository.root / name
+            await self.rescan(fresh=(name,))
             entry = self._repository.entry(name) if name in self._repository.names else None
-            exists = entry is not None and number in entry.versions
-            if exists or (model_dir / str(number)).exists():
+            if entry is not None and number in entry.versions:
                 raise AlreadyExists(f"model {name!r} already has version {number}")
-            filename = (entry.config.default_model_filename
-                        if entry is not None and entry.config else "model.onnx")  # fmt: skip
+            if entry is not None and entry.config is None and new_config is None:
+                raise InvalidArgument(
+                    f"{entry.error} (send a corrected config.pbtxt with the upload)"
+                )
+            serving = new_config or (entry.config if entry else None) or ModelConfig(name)
+            tag = f"{number}-{uuid.uuid4().hex[:8]}"
+            if entry is None:  # a new model: staged whole, published by one rename
+                staging = self._repository.root / f".upload-{name}-{tag}"
+                target, version_dir = self._repository.root / name, staging / str(number)
+            else:
+                staging = entry.path / f".upload-{tag}"
+                target, version_dir = entry.path / str(number), staging
+            path = version_dir / serving.default_model_filename
             loop = asyncio.get_running_loop()
-            staging = model_dir / f".upload-{number}-{uuid.uuid4().hex[:8]}"
-            new_model = not model_dir.exists()
-            if (staging / filename).parent != staging:  # the config's name is a plain one
-                raise InvalidArgument(f"model {name!r}: bad default_model_filename {filename!r}")
             try:
-                size = await self._receive(body, staging / filename)
-                path = staging / filename
-                await loop.run_in_executor(self._load_pool, self._trial_load, name, path)
+                size = await self._receive(body, path)
                 await loop.run_in_executor(
-                    self._executor, publish, staging, model_dir / str(number)
+                    self._load_pool, self._trial_load, model_id, serving, path
+                )
+                await loop.run_in_executor(
+                    self._executor, _install, staging, target, version_dir, config
                 )
             finally:
-                await loop.run_in_executor(self._executor, _clean_up, staging, new_model)
+                await loop.run_in_executor(self._executor, shutil.rmtree, staging, True)
             await self.rescan(fresh=(name,))
-        audit(who, "upload", name, number, f"{size} bytes")
+        audit(
+            who,
+            "upload",
+            name,
+            number,
+            f"{size} bytes" + (" and config" if config is not None else ""),
+        )
         return {"name": name, "version": str(number), "bytes": size}
 
     async def _receive(self, body: AsyncIterator[bytes], path: Path) -> int:
@@ -410,26 +439,40 @@ class AdminService:
             await loop.run_in_executor(self._executor, f.close)
         return size
 
-    def _trial_load(self, name: str, path: Path) -> None:
-        """Load the uploaded file once (in the load pool) and drop it: refuse what cannot load."""
-        entry = self._repository.entry(name) if name in self._repository.names else None
-        config = entry.config if entry is not None and entry.config else ModelConfig(name)
+    def _trial_load(self, model_id: ModelId, config: ModelConfig, path: Path) -> None:
+        """Load the uploaded file once (in the load pool), check it against the config it
+        will serve with, and drop it: refuse what could not serve."""
+        options = config.load_options(self._settings)
         try:
-            model = loader_class(config.platform)(path, config.load_options(self._settings)).load()
+            model = loader_class(config.platform)(path, options).load()
         except LoadError as exc:
             raise InvalidArgument(f"the uploaded file is not a loadable model: {exc}") from None
-        model.unload()
+        try:
+            checked_config(model_id, config, model, self._settings)
+        finally:
+            model.unload()
+
+    @staticmethod
+    def _parse_config(name: str, text: str) -> ModelConfig:
+        """The one check of an uploaded config.pbtxt: InvalidArgument naming the problem."""
+        if len(text) > MAX_CONFIG_CHARS:
+            raise InvalidArgument(f"config.pbtxt is limited to {MAX_CONFIG_CHARS} characters")
+        return parse_model_config(text, name)
 
     @to_completion
     async def put_config(self, name: str, text: str, who: str) -> None:
         """Replace a model's config.pbtxt atomically after checking it parses. Loaded
         versions keep the config they loaded with until they are loaded again."""
         check_model_name(name)
-        if len(text) > MAX_CONFIG_CHARS:
-            raise InvalidArgument(f"config.pbtxt is limited to {MAX_CONFIG_CHARS} characters")
-        parse_model_config(text, name)  # InvalidArgument naming the problem
+        self._parse_config(name, text)
         path = self._repository.root / name / CONFIG_FILENAME
         async with self._exclusive(name):
+            await self.rescan(fresh=(name,))
+            if name not in self._repository.names:
+                raise NotFound(
+                    f"unknown model {name!r}: upload its first version with its config "
+                    "(one request), so that no model without a version appears"
+                )
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, write_atomically, path, text.encode()
             )
@@ -453,6 +496,7 @@ class AdminService:
             if action == "load":
                 await self._cache.load(model_id, reload=True)
             elif action == "unload":
+                self._unrouted(name, number, "unloading")
                 await self._unload([model_id])
             else:
                 routing = self._router.routing(name)
@@ -472,18 +516,14 @@ class AdminService:
             entry = self._known(name)
             if number not in entry.versions:
                 raise NotFound(f"model {name!r} has no version {number} on disk")
-            if number in self._router.routing(name).versions:
-                raise AlreadyExists(
-                    f"version {number} of {name!r} is named by its routing (alias, weight, "
-                    "shadow or pin): route traffic away from it first"
-                )
+            self._unrouted(name, number, "deleting")
             # disappear first (new requests go elsewhere, nothing reloads it), then drain:
             # the requests already on it finish there
             gone = entry.path / f".deleted-{number}-{uuid.uuid4().hex[:8]}"
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, retire, entry.path / str(number), gone)
             await self.rescan(fresh=(name,))
-            await self._unload([ModelId(name, number)])
+            await self._unload([ModelId(name, number)], out_of_service=False)
         audit(who, "delete", name, number)
 
     def get_routing(self, name: str) -> dict[str, Any]:
@@ -519,6 +559,15 @@ class AdminService:
             )
             self._router.set_routing(name, routing)
 
+    def _unrouted(self, name: str, number: int, doing: str) -> None:
+        """AlreadyExists while routing names the version: a split, shadow or alias must
+        never point at a version taken out of service."""
+        if number in self._router.routing(name).versions:
+            raise AlreadyExists(
+                f"version {number} of {name!r} is named by its routing (alias, weight, "
+                f"shadow or pin): route traffic away from it before {doing} it"
+            )
+
     def _known(self, name: str) -> ModelEntry:
         """The model's entry; NotFound if the repository does not have it."""
         if name not in self._repository.names:
@@ -552,13 +601,25 @@ def _version_number(text: str) -> int:
     return number
 
 
-def _clean_up(staging: Path, new_model: bool) -> None:
-    """After an upload: remove its staging directory, and the model directory if the
-    upload created it and nothing else is in it (a refused new model leaves no trace)."""
-    shutil.rmtree(staging, ignore_errors=True)
+def _install(staging: Path, target: Path, version_dir: Path, config: str | None) -> None:
+    """Publish a staged upload (file I/O: off the loop). A new model's directory is
+    staged whole, its config inside, and appears with one rename; for an existing model
+    the version is renamed into place, then its config replaced (a failed replacement
+    takes the version away again, leaving the model as it was)."""
+    new_model = version_dir != staging
     if new_model:
-        with contextlib.suppress(OSError):
-            staging.parent.rmdir()  # only when empty
+        if config is not None:
+            write_atomically(staging / CONFIG_FILENAME, config.encode())
+        fsync_directory(version_dir)
+        publish(staging, target)
+        return
+    publish(staging, target)
+    if config is not None:
+        try:
+            write_atomically(target.parent / CONFIG_FILENAME, config.encode())
+        except BaseException:
+            retire(target, staging)
+            raise
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -54,7 +55,7 @@ class Client:
         self,
         method: str,
         path: str,
-        body: bytes | BinaryIO | None = None,
+        body: bytes | BinaryIO | Iterator[bytes] | None = None,
         content_type: str = "application/json",
         length: int | None = None,
     ) -> Any:
@@ -62,7 +63,7 @@ class Client:
         request = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             request.add_header("Content-Type", content_type)
-            # explicit length: a file object is then streamed in blocks, not chunked or read whole
+            # explicit length: a file object or blocks are then streamed, not chunked or read whole
             size = len(body) if isinstance(body, bytes) else length
             request.add_header("Content-Length", str(size))
         if self.token:
@@ -242,15 +243,39 @@ def cmd_upload(client: Client, args: argparse.Namespace) -> None:
     for path in (args.model_file, args.config):
         if path is not None and not path.is_file():
             raise UsageError(f"no such file: {path}")
-    if args.config is not None:
-        path, text = model_path(args.model, tail="/config"), args.config.read_bytes()
-        client.call("PUT", path, text, content_type="text/plain")
-        print(f"uploaded config of {args.model} ({args.config})")
     size = args.model_file.stat().st_size
+    path = model_path(args.model, args.version)
     with args.model_file.open("rb") as f:
-        path = model_path(args.model, args.version)
-        answer = client.call("PUT", path, f, "application/octet-stream", length=size)
+        if args.config is None:
+            answer = client.call("PUT", path, f, "application/octet-stream", length=size)
+        else:  # one request: the config and the version are added together, or neither
+            body, length, content_type = _multipart(args.config.read_bytes(), f, size)
+            answer = client.call("PUT", path, body, content_type, length=length)
     print(f"uploaded {args.model} version {args.version} ({answer.get('bytes', size)} bytes)")
+
+
+def _multipart(config: bytes, model: BinaryIO, size: int) -> tuple[Iterator[bytes], int, str]:
+    """multipart/form-data with a "config" part and a streamed "model" part: the body's
+    blocks, its length and its content type."""
+    boundary = os.urandom(16).hex()
+
+    def head(name: str, filename: str, content_type: str) -> bytes:
+        return (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{filename}"\r\nContent-Type: {content_type}\r\n\r\n'
+        ).encode()
+
+    first = head("config", "config.pbtxt", "text/plain") + config + b"\r\n"
+    first += head("model", "model.onnx", "application/octet-stream")
+    last = f"\r\n--{boundary}--\r\n".encode()
+
+    def blocks() -> Iterator[bytes]:
+        yield first
+        while block := model.read(1 << 20):
+            yield block
+        yield last
+
+    return blocks(), len(first) + size + len(last), f"multipart/form-data; boundary={boundary}"
 
 
 def cmd_lifecycle(client: Client, args: argparse.Namespace) -> None:
@@ -316,7 +341,10 @@ def add_admin_parser(subparsers: argparse._SubParsersAction) -> None:
     _model_version(upload)
     upload.add_argument("model_file", type=Path, metavar="MODEL_FILE", help="e.g. model.onnx")
     upload.add_argument(
-        "--config", type=Path, metavar="CONFIG_FILE", help="config.pbtxt to put first"
+        "--config",
+        type=Path,
+        metavar="CONFIG_FILE",
+        help="the model's config.pbtxt, added with the version in one request",
     )
 
     for action in LIFECYCLE:

@@ -1,11 +1,17 @@
 """Loaded models: lazy single-flight loads, leases, draining unloads.
 
-Every model version has one `Slot` holding its state. `acquire()` is the hot path: a
-dict lookup and a lease count when the version is READY; on a miss it starts (or
-joins) the one load of that version. Loads run on their own thread pool, so a slow
+Every model version has one `Slot` holding its state. `lease()` is the hot path: a
+dict lookup and a lease count when the version is READY; on a miss `acquire()` starts
+(or joins) the one load of that version. Loads run on their own thread pool, so a slow
 load never starves inference. `unload()` marks the version DRAINING, waits for its
 leases to reach zero (bounded), then frees it off the loop: a request never loses
 its model under it.
+
+Unloaded on request (Triton's unload) is a version's own state, kept here on its slot:
+such a version is out of service (requests get UNAVAILABLE naming the unload) until an
+explicit `load()`; only versions never unloaded load lazily on first use. An eviction or
+a drain (`unload(..., out_of_service=False)`) leaves a version lazily loadable. The
+state lives in memory only: a restart clears it, as Triton's does.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ class Slot:
     retry_at: float = 0.0  # monotonic time before which a request does not retry a failed load
     error: ServerError | None = None  # the last failed load's error, re-raised until retry_at
     waiters: int = 0  # callers awaiting `loading`: the new copy is theirs, not evictable yet
+    out_of_service: bool = False  # unloaded on request: no lazy load until an explicit one
 
 
 class NoRoom(Unavailable):
@@ -149,9 +156,16 @@ class ModelCache:
         return servable
 
     async def acquire(self, model_id: ModelId) -> Servable:
-        """A leased, READY servable; loads it first if needed. Pair with `release`."""
+        """A leased, READY servable; loads it first if needed (unless it was unloaded on
+        request: Unavailable). Pair with `release`."""
         self.misses += 1
-        await self.load(model_id, reload=False)
+        slot = self._slots.get(model_id)
+        if slot is not None and slot.out_of_service:
+            raise Unavailable(
+                f"model {model_id} was unloaded; it serves again once loaded (repository "
+                "load or admin load)"
+            )
+        await self._load_shared(model_id, reload=False)
         slot = self._slots[model_id]
         if slot.state is not ModelState.READY:
             raise Unavailable(f"model {model_id} is {slot.state.value.lower()}")
@@ -188,6 +202,23 @@ class ModelCache:
         slot = self._slots.get(model_id)
         return (slot.state, slot.reason) if slot else (ModelState.UNLOADED, "")
 
+    def in_service(self, model_id: ModelId) -> bool:
+        """Would a request be served: loaded, loading, or loadable on first use (not
+        unloaded on request, not failed, not draining)."""
+        slot = self._slots.get(model_id)
+        if slot is None:
+            return True
+        if slot.state is ModelState.UNLOADED:
+            return not slot.out_of_service
+        return slot.state in (ModelState.READY, ModelState.LOADING)
+
+    def reinstate(self, name: str) -> None:
+        """Every version of a model loads lazily again (a repository load of the model:
+        versions it does not load now, e.g. outside the version policy, are back too)."""
+        for model_id, slot in self._slots.items():
+            if model_id.name == name:
+                slot.out_of_service = False
+
     def servable(self, model_id: ModelId) -> Servable | None:
         """The READY servable of a version, without taking a lease."""
         slot = self._slots.get(model_id)
@@ -209,6 +240,13 @@ class ModelCache:
     # -- loading ------------------------------------------------------------------
 
     async def load(self, model_id: ModelId, *, reload: bool = True) -> Servable:
+        """Load one version explicitly, putting it back in service if it was unloaded;
+        `reload=False` returns a READY version as it is (a pin). See `_load_shared`."""
+        slot = self._slots.setdefault(model_id, Slot())
+        slot.out_of_service = False
+        return await self._load_shared(model_id, reload=reload)
+
+    async def _load_shared(self, model_id: ModelId, *, reload: bool) -> Servable:
         """Load one version; concurrent callers share one load (single flight).
 
         The load runs as its own task, so a caller that goes away does not cancel it.
@@ -407,14 +445,8 @@ class ModelCache:
 
     def _prepare(self, model_id: ModelId, config: ModelConfig, model: LoadedModel) -> Servable:
         """Check the config against the model, complete it, and time one warm run."""
-        inputs = [_spec(s) for s in model.inputs]
-        outputs = [_spec(s) for s in model.outputs]
         settings = self._settings
-        config = config.completed(
-            inputs, outputs, settings.default_max_batch_size, settings.dynamic_batching
-        )
-        _check_against_model(model_id, "input", config.inputs, inputs, config.max_batch_size)
-        _check_against_model(model_id, "output", config.outputs, outputs, config.max_batch_size)
+        config = checked_config(model_id, config, model, settings)
         batch = (-1,) if config.max_batch_size > 0 else ()
         full_in = {s.name: TensorSpec(s.name, s.datatype, batch + s.shape) for s in config.inputs}
         full_out = {s.name: TensorSpec(s.name, s.datatype, batch + s.shape) for s in config.outputs}
@@ -428,16 +460,27 @@ class ModelCache:
             outputs=full_out,
             inline=run_us is not None and run_us < self._inline_run_us,
             run_us=run_us if run_us is not None else float("nan"),
-            pinned=config.parameters.get("pinned", "").lower() == "true",
+            pinned=config.pinned,
             batching=config.batch_policy(settings.max_queue_size),
             feedback_rate=config.feedback_rate(settings.feedback_sample_rate),
         )
 
-    async def unload(self, model_id: ModelId) -> None:
-        """Stop routing to one version, let its requests finish (bounded), free it."""
-        slot = self._slots.get(model_id)
-        if slot is None or slot.servable is None or slot.state is not ModelState.READY:
-            raise NotFound(f"model {model_id} is not loaded")
+    async def unload(self, model_id: ModelId, *, out_of_service: bool = True) -> None:
+        """Stop leasing one version, let its requests finish (bounded), free it.
+
+        A load in flight finishes first. Idempotent: a version that is not loaded is
+        only marked. `out_of_service` (Triton's unload): requests are refused until an
+        explicit `load`; without it (a version left the policy or was deleted) the next
+        request loads it again.
+        """
+        slot = self._slots.setdefault(model_id, Slot())
+        if out_of_service:
+            slot.out_of_service = True  # first: no request starts a new load meanwhile
+        await self.settle(model_id)
+        if slot.state is not ModelState.READY or slot.servable is None:
+            if slot.state is not ModelState.DRAINING and out_of_service:
+                slot.state, slot.reason, slot.error = ModelState.UNLOADED, "unloaded", None
+            return
         servable = slot.servable
         slot.state = ModelState.DRAINING
 
@@ -445,7 +488,8 @@ class ModelCache:
             try:
                 await self._drain_and_free(servable)
             finally:
-                slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, "unloaded"
+                slot.servable, slot.state = None, ModelState.UNLOADED
+                slot.reason = "unloaded" if slot.out_of_service else ""
 
         # its own task: a caller that goes away (a client disconnect) must not stop an
         # unload half-way, with the version's memory still counted
@@ -475,7 +519,7 @@ class ModelCache:
         await asyncio.gather(*loads, return_exceptions=True)
         for model_id, slot in list(self._slots.items()):
             if slot.state is ModelState.READY:
-                await self.unload(model_id)
+                await self.unload(model_id, out_of_service=False)
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -510,6 +554,21 @@ def _resident_bytes() -> int:
 
 def _spec(sig: TensorSig) -> TensorSpec:
     return TensorSpec(sig.name, datatype_of(sig.dtype), sig.shape)
+
+
+def checked_config(
+    model_id: ModelId, config: ModelConfig, model: LoadedModel, settings: Settings
+) -> ModelConfig:
+    """The config completed from the model's own signature; InvalidArgument naming the
+    tensor where they disagree (loads, and the admin API's trial loads of uploads)."""
+    inputs = [_spec(s) for s in model.inputs]
+    outputs = [_spec(s) for s in model.outputs]
+    config = config.completed(
+        inputs, outputs, settings.default_max_batch_size, settings.dynamic_batching
+    )
+    _check_against_model(model_id, "input", config.inputs, inputs, config.max_batch_size)
+    _check_against_model(model_id, "output", config.outputs, outputs, config.max_batch_size)
+    return config
 
 
 def _check_against_model(

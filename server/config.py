@@ -1,16 +1,22 @@
 """Server settings and per-model configuration (Triton's config.pbtxt).
 
 config.pbtxt is Triton's `ModelConfig` in protobuf text format, so it is parsed with
-protobuf's own text parser and our subset of Triton's message (protos/): an unknown
-field is a parse error naming the field. This is the one module below the edges that
-touches a generated proto, and only to read a file format; what leaves it is the
-plain `ModelConfig` dataclass and Triton's JSON shape of the config.
+protobuf's own text parser and our subset of Triton's message (protos/): a field
+Triton's schema lacks is a parse error naming the field. Of the fields the schema has,
+only those in `SUPPORTED_FIELDS` (and the parameters in `PARAMETERS`) may be set: any
+other is an error naming it, so a config never asks for something fleetserve silently
+does not do. `parse_model_config` is the one check every entry point goes through
+(repository index and load read configs with it, admin uploads parse with it).
+
+This is the one module below the edges that touches a generated proto, and only to read
+a file format; what leaves it is the plain `ModelConfig` dataclass and Triton's JSON
+shape of the config.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -135,14 +141,9 @@ class ModelConfig:
 
     def load_options(self, settings: Settings) -> LoadOptions:
         """onnxruntime options, using Triton's onnxruntime backend parameter names."""
-        params = self.parameters
-        try:
-            intra = int(params.get("intra_op_thread_count", settings.intra_op_threads))
-            inter = int(params.get("inter_op_thread_count", 1))
-        except ValueError as exc:
-            raise InvalidArgument(
-                f"model {self.name!r}: bad thread count parameter: {exc}"
-            ) from None
+        params = self.parameters  # checked by parse_model_config
+        intra = int(params.get("intra_op_thread_count", settings.intra_op_threads))
+        inter = int(params.get("inter_op_thread_count", 1))
         level = {-1: "basic", 1: "extended"}.get(self.graph_level, "all")
         providers = ("CPUExecutionProvider",)
         if self.instance_kind == "KIND_GPU":
@@ -194,25 +195,16 @@ class ModelConfig:
 
     def feedback_rate(self, default: float) -> float:
         """The share of predictions to log: parameter "feedback_sample_rate", else `default`."""
-        text = self.parameters.get("feedback_sample_rate")
-        if text is None:
-            return default
-        try:
-            rate = float(text)
-        except ValueError:
-            rate = -1.0
-        if not 0.0 <= rate <= 1.0:
-            raise InvalidArgument(
-                f"model {self.name!r}: feedback_sample_rate must be a number in 0..1, "
-                f"got {text[:40]!r}"
-            )
-        return rate
+        text = self.parameters.get("feedback_sample_rate")  # checked by parse_model_config
+        return default if text is None else float(text)
+
+    @property
+    def pinned(self) -> bool:
+        """Never evicted: parameter "pinned" is "true"."""
+        return self.parameters.get("pinned", "").lower() == "true"
 
     def batch_policy(self, default_queue_size: int) -> BatchPolicy | None:
-        """The batching of a completed config; None when the model does not batch.
-
-        Priority levels are accepted and ignored (one FIFO queue per version).
-        """
+        """The batching of a completed config; None when the model does not batch."""
         db = self.dynamic_batching
         if db is None or self.max_batch_size == 0:
             return None
@@ -275,6 +267,67 @@ _CONFIG_TYPES = {name: "STRING" if name == "BYTES" else name for name in DTYPES}
 _V2_TYPES = {f"TYPE_{v}": k for k, v in _CONFIG_TYPES.items()}
 
 
+# The subset of Triton's ModelConfig fleetserve acts on, declared once: the fields a
+# config.pbtxt may set, as paths of proto field names (a repeated field's or a map's
+# entries share its path). Any other field of protos/model_config.proto set to anything
+# but its default (`decoupled: true`, a `response_cache` block, an execution accelerator,
+# `label_filename`, `preserve_ordering: true`, priority levels, ...) is an error naming
+# it. Labels that ask for no behaviour (names, an input's `format`) are accepted and
+# echoed by /config. A block listed without its fields (model_transaction_policy,
+# execution_accelerators) may appear only empty or with defaults, so the error names
+# what is inside it (`decoupled`, the accelerator). When a feature lands (a response
+# cache), its fields join here.
+SUPPORTED_FIELDS = frozenset({
+    "name", "platform", "backend", "max_batch_size", "default_model_filename",
+    "parameters", "parameters.string_value",
+    "version_policy", "version_policy.latest", "version_policy.latest.num_versions",
+    "version_policy.all", "version_policy.specific", "version_policy.specific.versions",
+    "input", "input.name", "input.data_type", "input.format", "input.dims",
+    "output", "output.name", "output.data_type", "output.dims",
+    "instance_group", "instance_group.name", "instance_group.kind", "instance_group.count",
+    "optimization", "optimization.graph", "optimization.graph.level",
+    "optimization.execution_accelerators",
+    "dynamic_batching", "dynamic_batching.preferred_batch_size",
+    "dynamic_batching.max_queue_delay_microseconds", "dynamic_batching.default_queue_policy",
+    "dynamic_batching.default_queue_policy.timeout_action",
+    "dynamic_batching.default_queue_policy.default_timeout_microseconds",
+    "dynamic_batching.default_queue_policy.allow_timeout_override",
+    "dynamic_batching.default_queue_policy.max_queue_size",
+    "model_warmup", "model_warmup.name", "model_warmup.batch_size", "model_warmup.count",
+    "model_warmup.inputs", "model_warmup.inputs.data_type", "model_warmup.inputs.dims",
+    "model_warmup.inputs.zero_data", "model_warmup.inputs.random_data",
+    "model_warmup.inputs.input_data_file",
+    "model_transaction_policy",
+})  # fmt: skip
+
+
+def _whole(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 4
+
+
+def _rate(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
+
+
+# The `parameters` keys fleetserve acts on (Triton's onnxruntime backend names where it
+# has them), each with its check and what it expects. Triton hands unknown keys to the
+# backend, which ignores them; here an unknown key is an error, so a typo
+# ("intra_op_threads") is caught instead of silently changing nothing.
+PARAMETERS: dict[str, tuple[Callable[[str], bool], str]] = {
+    "intra_op_thread_count": (_whole, "a whole number (0: onnxruntime's default)"),
+    "inter_op_thread_count": (_whole, "a whole number (0: onnxruntime's default)"),
+    "graph_optimization_level": (
+        lambda v: v in ("disable", "basic", "extended", "all"),
+        "disable, basic, extended or all",
+    ),
+    "feedback_sample_rate": (_rate, "a number in 0..1"),
+    "pinned": (lambda v: v.lower() in ("true", "false"), "true or false"),
+}
+
+
 _MAX_BATCH = re.compile(r"^\s*max_batch_size\s*:", re.MULTILINE)
 
 
@@ -285,6 +338,7 @@ def parse_model_config(text: str, model_name: str) -> ModelConfig:
         text_format.Parse(text, message)
     except text_format.ParseError as exc:
         raise InvalidArgument(f"model {model_name!r}: {CONFIG_FILENAME}: {exc}") from None
+    _check_supported(message, f"model {model_name!r}: {CONFIG_FILENAME}: ")
     source = message_json(message)
     if message.name and message.name != model_name:
         raise InvalidArgument(
@@ -299,6 +353,15 @@ def parse_model_config(text: str, model_name: str) -> ModelConfig:
         )
     if message.max_batch_size < 0:
         raise InvalidArgument(f"model {model_name!r}: max_batch_size must be >= 0")
+    if message.optimization.graph.level not in (-1, 0, 1):
+        raise InvalidArgument(
+            f"model {model_name!r}: optimization.graph.level must be -1 (basic), 0 (all) "
+            f"or 1 (extended), got {message.optimization.graph.level}"
+        )
+    if any(g.count < 0 for g in message.instance_group):
+        raise InvalidArgument(f"model {model_name!r}: instance_group count must be >= 0")
+    parameters = {k: v.string_value for k, v in message.parameters.items()}
+    _check_parameters(parameters, model_name)
     return ModelConfig(
         name=model_name,
         platform="onnxruntime_onnx",
@@ -311,11 +374,66 @@ def parse_model_config(text: str, model_name: str) -> ModelConfig:
         default_model_filename=_plain_filename(model_name, message.default_model_filename),
         instance_count=sum(g.count or 1 for g in message.instance_group) or 1,
         instance_kind=_instance_kind(message),
-        parameters={k: v.string_value for k, v in message.parameters.items()},
+        parameters=parameters,
         graph_level=message.optimization.graph.level,
         dynamic_batching=source.get("dynamic_batching"),
         source=source,
     )
+
+
+def _check_supported(message: Any, where: str, path: str = "", shown: str = "") -> None:
+    """InvalidArgument naming the first field set that is not in SUPPORTED_FIELDS.
+
+    `path` is the field path checked against the table; `shown` the same with the names
+    (or map keys) of the entries on the way, for the message: `input['x'].reshape`.
+    """
+    for fd, value in message.ListFields():
+        field_path, field_shown = path + fd.name, shown + fd.name
+        is_map = fd.message_type is not None and fd.message_type.GetOptions().map_entry
+        if fd.message_type is None:
+            entries = []
+        elif is_map:
+            value_fd = fd.message_type.fields_by_name["value"]
+            entries = list(value.items()) if value_fd.message_type is not None else []
+        elif fd.is_repeated:
+            entries = [(_entry_name(item), item) for item in value]
+        else:
+            entries = [("", value)]
+        if field_path not in SUPPORTED_FIELDS:
+            label = _label(entries[0][0]) if entries else ""
+            raise InvalidArgument(
+                f"{where}{field_shown}{label} is set, but fleetserve does not act on it: "
+                'remove it (README.md "Model repository" lists the supported fields)'
+            )
+        for key, item in entries:
+            _check_supported(item, where, field_path + ".", f"{field_shown}{_label(key)}.")
+
+
+def _label(key: str | int) -> str:
+    """How an entry of a repeated field or map shows in a field path: its name or key."""
+    if isinstance(key, str):
+        return f"[{key[:60]!r}]" if key else ""
+    return f"[{key}]"
+
+
+def _entry_name(item: Any) -> str:
+    return item.name if "name" in item.DESCRIPTOR.fields_by_name else ""
+
+
+def _check_parameters(parameters: Mapping[str, str], model_name: str) -> None:
+    for key, value in parameters.items():
+        known = PARAMETERS.get(key)
+        if known is None:
+            raise InvalidArgument(
+                f"model {model_name!r}: {CONFIG_FILENAME}: parameters key {key[:80]!r} is not "
+                f"one fleetserve acts on (known: {', '.join(PARAMETERS)})"
+            )
+        check, expected = known
+        if not check(value):
+            raise InvalidArgument(
+                f"model {model_name!r}: {CONFIG_FILENAME}: parameter {key!r} must be "
+                f"{expected}, got {value[:40]!r}"
+            )
 
 
 def message_json(message: Any) -> dict[str, Any]:
@@ -362,10 +480,6 @@ def _tensor_spec(model_name: str, tensor: Any) -> TensorSpec:
         raise InvalidArgument(
             f"model {model_name!r}: tensor {tensor.name!r} has data_type {type_name}, "
             "which fleetserve does not serve"
-        )
-    if tensor.HasField("reshape"):
-        raise InvalidArgument(
-            f"model {model_name!r}: tensor {tensor.name!r}: reshape is not supported"
         )
     return TensorSpec(tensor.name, datatype, tuple(tensor.dims))
 

@@ -47,7 +47,6 @@ from fleetserve.server.types import (
 
 log = logging.getLogger(__name__)
 
-SERVABLE_STATES = frozenset({ModelState.UNLOADED, ModelState.LOADING, ModelState.READY})
 SERVER_NAME = "fleetserve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = (
@@ -274,15 +273,15 @@ class InferenceService:
     def model_ready(self, name: str, version: str | None) -> bool:
         """Ready = servable: within the version policy, and loaded or loadable.
 
-        Models load on first use, so an unloaded version is ready unless its last load
-        failed (or it is unloading). A failed version turns ready again when a retry
-        or an explicit load succeeds.
+        Models load on first use, so a version not loaded yet is ready unless its last
+        load failed, it is unloading, or it was unloaded on request (until it is loaded
+        again). A failed version turns ready again when a retry or a load succeeds.
         """
         try:
             model_id = self._router.resolve(name, version)
         except ServerError:
             return False
-        return self._cache.state(model_id)[0] in SERVABLE_STATES
+        return self._cache.in_service(model_id)
 
     async def _servable(self, name: str, version: str | None) -> Servable:
         """The loaded version (loading it first if needed), without keeping a lease."""

@@ -16,10 +16,10 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from fleetserve.server.admin import AdminService
 from fleetserve.server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
@@ -334,7 +334,10 @@ class RestApi:
                     f"model file of {request.content_length} bytes exceeds the upload limit "
                     f"of {self._max_upload} bytes"
                 )
-            doc = await admin.upload(name, version, request.content.iter_chunked(1 << 20), who)
+            config, model = None, request.content.iter_chunked(1 << 20)
+            if request.content_type == "multipart/form-data":
+                config, model = await self._upload_parts(request)
+            doc = await admin.upload(name, version, model, who, config)
             return web.Response(status=201, body=orjson.dumps(doc), content_type=JSON)
         elif action is None and method == "DELETE":
             await admin.delete(name, version, who)
@@ -352,6 +355,39 @@ class RestApi:
             raise InvalidArgument(
                 f"request body exceeds the limit of {self._max_bytes} bytes"
             ) from None
+
+    async def _upload_parts(
+        self, request: web.BaseRequest
+    ) -> tuple[str | None, AsyncIterator[bytes]]:
+        """A multipart upload: an optional "config" part (config.pbtxt, bounded like any
+        body), then the "model" part, streamed."""
+        reader = await request.multipart()
+        part = await reader.next()
+        config = None
+        if isinstance(part, BodyPartReader) and part.name == "config":
+            raw = bytearray()
+            while chunk := await part.read_chunk():
+                raw += chunk
+                if len(raw) > self._max_bytes:
+                    raise InvalidArgument(f"config part exceeds {self._max_bytes} bytes")
+            try:
+                config = raw.decode()
+            except UnicodeDecodeError:
+                raise InvalidArgument("the config part must be UTF-8 text") from None
+            part = await reader.next()
+        if not isinstance(part, BodyPartReader) or part.name != "model":
+            raise InvalidArgument(
+                'a multipart upload holds a "model" part, after an optional "config" part'
+            )
+        model = part
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while chunk := await model.read_chunk(1 << 20):
+                yield chunk
+            if await reader.next() is not None:
+                raise InvalidArgument('nothing may follow the "model" part')
+
+        return config, chunks()
 
     async def _text_body(self, request: web.BaseRequest) -> str:
         try:

@@ -7,12 +7,15 @@ here once: `from tests.helpers import ...`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import struct
 import threading
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import onnxruntime as ort
 
@@ -185,3 +188,40 @@ class Gate(LoadedModel):
 
     def unload(self) -> None:
         self._model.unload()
+
+
+# --------------------------------------------------------------------------------------
+# the admin API's upload of a version with its config: one multipart request (aiohttp's
+# own form encoder, not the server's or the CLI's code)
+
+
+def upload_with_config(
+    url: str, model: bytes, config: str | None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """PUT a version as multipart/form-data: a "config" part (when given), then "model"."""
+
+    async def main() -> tuple[int, dict[str, Any]]:
+        form = aiohttp.FormData()
+        if config is not None:
+            form.add_field("config", config, filename="config.pbtxt", content_type="text/plain")
+        form.add_field(
+            "model", model, filename="model.onnx", content_type="application/octet-stream"
+        )
+        async with aiohttp.ClientSession() as http, http.put(url, data=form, headers=headers) as r:
+            return r.status, await r.json()
+
+    return asyncio.run(main())
+
+
+def tree(root: Path) -> dict[str, tuple[int, str]]:
+    """Every path under `root`: its size and the SHA-256 of its contents (-1 for a
+    directory), to show that something left a repository exactly as it was."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_dir():
+            out[key] = (-1, "")
+        else:
+            data = path.read_bytes()
+            out[key] = (len(data), hashlib.sha256(data).hexdigest())
+    return out

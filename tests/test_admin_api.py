@@ -23,7 +23,7 @@ import pytest
 from fleetserve.loaders import testing
 from fleetserve.server.types import ModelId
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
-from tests.helpers import WAIT_S, Gate
+from tests.helpers import WAIT_S, Gate, tree, upload_with_config
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -38,7 +38,9 @@ def versioned(root: Path, name: str, versions: tuple[int, ...] = (1, 2)) -> None
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("admin")
-    for name in ("up", "cfg", "route", "sticky", "shadow", "gone", "pins", "swap"):
+    names = ("up", "cfg", "route", "sticky", "shadow", "gone", "pins", "swap", "unl", "routed",
+             "split", "withcfg")  # fmt: skip
+    for name in names:
         versioned(root, name)
     return root
 
@@ -167,10 +169,137 @@ def test_an_uploaded_version_becomes_the_latest_and_serves(
 def test_a_bad_upload_is_refused_and_changes_nothing(
     server: RunningServer, repo: Path, path: str, body: bytes, status: int, problem: str
 ) -> None:
-    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+    before = tree(repo)
     got, _, reply = call(server, "PUT", path, body)
     assert got == status and problem in reply["error"]
-    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
+    assert tree(repo) == before
+
+
+def upload_url(server: RunningServer, name: str, version: int) -> str:
+    return f"{server.http_url}/v2/admin/models/{name}/versions/{version}"
+
+
+# a config the fixed_shape((2,)) models match, and one that names an input they lack
+GOOD_CONFIG = 'max_batch_size: 0\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+WRONG_CONFIG = GOOD_CONFIG.replace("INPUT0", "IMAGE")
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "model", "config", "problem"),
+    [
+        ("fresh1", 1, b"not an onnx model", None, "not a loadable model"),
+        ("fresh2", 1, b"not an onnx model", GOOD_CONFIG, "not a loadable model"),
+        ("fresh3", 1, model_bytes(1), WRONG_CONFIG, "config input 'IMAGE' is not in the model"),
+        ("fresh4", 1, model_bytes(1), "response_cache { enable: true }", "response_cache"),
+        ("fresh5", 1, model_bytes(1), "max_batch_size: 0\nfoo: 1", '"foo"'),
+        ("withcfg", 3, b"not an onnx model", None, "not a loadable model"),
+        ("withcfg", 3, b"not an onnx model", GOOD_CONFIG, "not a loadable model"),
+        ("withcfg", 3, model_bytes(3), WRONG_CONFIG, "config input 'IMAGE' is not in the model"),
+        ("withcfg", 1, model_bytes(3), GOOD_CONFIG, "already has version 1"),
+    ],
+    ids=["new-model", "new-model-with-config", "new-model-config-mismatch",
+         "new-model-unsupported-field", "new-model-unknown-field", "new-version",
+         "new-version-with-config", "new-version-config-mismatch", "existing-version"],
+)  # fmt: skip
+def test_a_refused_upload_leaves_the_repository_exactly_as_it_was(
+    server: RunningServer, repo: Path, name: str, version: int, model: bytes,
+    config: str | None, problem: str,
+) -> None:  # fmt: skip
+    before = tree(repo)
+    status, reply = upload_with_config(upload_url(server, name, version), model, config, AUTH)
+    assert status in (400, 409) and problem in reply["error"], reply
+    assert tree(repo) == before  # paths, sizes and contents
+    index = call(server, "POST", "/v2/repository/index")[2]
+    assert not any(row["name"] == name and "version" not in row for row in index)
+
+
+def test_a_refused_upload_through_the_cli_leaves_the_repository_as_it_was(
+    server: RunningServer, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The defect: `upload --config` put the config first, and a model file that then
+    failed its trial load left MODEL/config.pbtxt behind (a model without versions)."""
+    from fleetserve.server.cli import main
+
+    monkeypatch.setenv("FLEETSERVE_ADMIN_TOKEN", TOKEN)
+    (tmp_path / "model.onnx").write_bytes(b"not an onnx model")
+    (tmp_path / "config.pbtxt").write_text(GOOD_CONFIG)
+    before = tree(repo)
+    argv = ["admin", "--url", server.http_url, "upload", "clinew", "1",
+            str(tmp_path / "model.onnx"), "--config", str(tmp_path / "config.pbtxt")]  # fmt: skip
+    assert main(argv) == 1
+    assert tree(repo) == before
+    (tmp_path / "model.onnx").write_bytes(model_bytes(4))
+    assert main(argv) == 0
+    assert (repo / "clinew" / "config.pbtxt").read_text() == GOOD_CONFIG
+    assert listing(repo, "clinew") == ["1", "config.pbtxt"]
+    assert infer(server, "clinew") == (200, "1", 4.0)
+
+
+def test_an_upload_with_its_config_adds_both(server: RunningServer, repo: Path) -> None:
+    status, reply = upload_with_config(upload_url(server, "made", 1), model_bytes(6), GOOD_CONFIG,
+                                       AUTH)  # fmt: skip
+    assert status == 201 and reply == {"name": "made", "version": "1", "bytes": len(model_bytes(6))}
+    assert listing(repo, "made") == ["1", "config.pbtxt"]
+    assert (repo / "made" / "config.pbtxt").read_text() == GOOD_CONFIG
+    assert not [p for p in repo.iterdir() if p.name.startswith(".upload")]
+    assert infer(server, "made") == (200, "1", 6.0)
+    # an existing model: the new version is added and the config replaced
+    latest_all = GOOD_CONFIG + "version_policy: { all: {} }\n"
+    status, _ = upload_with_config(upload_url(server, "withcfg", 3), model_bytes(3), latest_all,
+                                   AUTH)  # fmt: skip
+    assert status == 201
+    assert (repo / "withcfg" / "config.pbtxt").read_text() == latest_all
+    assert [infer(server, "withcfg", v)[2] for v in "123"] == [1.0, 2.0, 3.0]
+
+
+def test_a_config_for_a_model_that_does_not_exist_is_refused(
+    server: RunningServer, repo: Path
+) -> None:
+    before = tree(repo)
+    status, _, reply = call(server, "PUT", "/v2/admin/models/nomodel/config", GOOD_CONFIG.encode())
+    assert status == 404 and "upload its first version with its config" in reply["error"]
+    assert tree(repo) == before
+
+
+def test_an_upload_to_a_model_whose_config_is_broken_needs_a_new_config(
+    server: RunningServer, repo: Path
+) -> None:
+    versioned(repo, "broken_cfg", (1,))
+    (repo / "broken_cfg" / "config.pbtxt").write_text(
+        "model_transaction_policy { decoupled: true }"
+    )
+    before = tree(repo)
+    status, reply = upload_with_config(upload_url(server, "broken_cfg", 2), model_bytes(2), None,
+                                       AUTH)  # fmt: skip
+    assert status == 400 and "model_transaction_policy.decoupled" in reply["error"]
+    assert "send a corrected config.pbtxt" in reply["error"]
+    assert tree(repo) == before
+    status, _ = upload_with_config(upload_url(server, "broken_cfg", 2), model_bytes(2), "", AUTH)
+    assert status == 201 and infer(server, "broken_cfg") == (200, "2", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("parts", "problem"),
+    [([("model", b"x"), ("config", b"")], "nothing may follow"),
+     ([("other", b"x")], 'holds a "model" part'),
+     ([("config", b"\xff\xfe"), ("model", b"x")], "must be UTF-8")],
+    ids=["config-after-model", "no-model-part", "config-not-utf8"],
+)  # fmt: skip
+def test_a_malformed_multipart_upload_is_400(
+    server: RunningServer, repo: Path, parts: list[tuple[str, bytes]], problem: str
+) -> None:
+    async def main() -> tuple[int, dict]:
+        form = aiohttp.FormData()
+        for name, data in parts:
+            form.add_field(name, data, filename=name, content_type="application/octet-stream")
+        url = upload_url(server, "up", 8)
+        async with aiohttp.ClientSession() as http, http.put(url, data=form, headers=AUTH) as r:
+            return r.status, await r.json()
+
+    before = tree(repo)
+    status, reply = asyncio.run(main())
+    assert status == 400 and problem in reply["error"]
+    assert tree(repo) == before
 
 
 def test_an_upload_streamed_past_the_limit_without_a_length_is_refused(
@@ -303,6 +432,58 @@ def test_pin_loads_and_keeps_a_version_and_unpin_lets_it_go(server: RunningServe
     assert call(server, "GET", "/v2/admin/models/pins")[2]["versions"][1]["pinned"] is False
     status, _, reply = call(server, "POST", "/v2/admin/models/pins/versions/2/explode")
     assert status == 404 and "no admin action" in reply["error"]
+
+
+def test_an_admin_unload_takes_one_version_out_of_service_until_it_is_loaded(
+    server: RunningServer,
+) -> None:
+    assert infer(server, "unl") == (200, "2", 2.0)
+    assert call(server, "POST", "/v2/admin/models/unl/versions/2/unload")[0] == 200
+    for version in (None, "2"):  # unversioned requests go to the latest version: 2
+        status, message, _ = infer(server, "unl", version)
+        assert status == 503 and "model unl:2 was unloaded" in message
+    ready = urllib.request.Request(f"{server.http_url}/v2/models/unl/versions/2/ready")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(ready, timeout=WAIT_S)
+    assert err.value.code == 400
+    state = call(server, "GET", "/v2/admin/models/unl")[2]["versions"][1]
+    assert (state["state"], state["reason"]) == ("UNAVAILABLE", "unloaded")
+    assert call(server, "POST", "/v2/admin/models/unl/versions/2/load")[0] == 200
+    assert infer(server, "unl") == (200, "2", 2.0)
+    assert urllib.request.urlopen(ready, timeout=WAIT_S).status == 200
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [{"weights": {"1": 50, "2": 50}}, {"shadow": {"version": 1, "fraction": 0.5}},
+     {"aliases": {"old": 1}}],
+    ids=["weight", "shadow", "alias"],
+)  # fmt: skip
+def test_an_admin_unload_is_refused_while_routing_names_the_version(
+    server: RunningServer, routing: dict
+) -> None:
+    assert call(server, "PUT", "/v2/admin/models/routed/routing", routing)[0] == 200
+    status, _, reply = call(server, "POST", "/v2/admin/models/routed/versions/1/unload")
+    assert status == 409 and "route traffic away from it before unloading it" in reply["error"]
+    assert call(server, "PUT", "/v2/admin/models/routed/routing", {})[0] == 200
+    assert call(server, "POST", "/v2/admin/models/routed/versions/1/unload")[0] == 200
+    assert call(server, "POST", "/v2/admin/models/routed/versions/1/load")[0] == 200
+
+
+def test_a_repository_unload_takes_a_split_model_out_whole_until_it_is_loaded(
+    server: RunningServer,
+) -> None:
+    split = {"weights": {"1": 1, "2": 1}}
+    assert call(server, "PUT", "/v2/admin/models/split/routing", split)[0] == 200
+    assert {infer(server, "split", key=f"k{i}")[1] for i in range(40)} == {"1", "2"}
+    assert call(server, "POST", "/v2/repository/models/split/unload")[0] == 200
+    answers = {infer(server, "split", key=f"k{i}")[:2] for i in range(40)}
+    assert {status for status, _ in answers} == {503}
+    assert {m.split(" was ")[0] for _, m in answers} == {"model split:1", "model split:2"}
+    # the routing stays, and applies again once the model is loaded
+    assert call(server, "GET", "/v2/admin/models/split/routing")[2]["weights"] == split["weights"]
+    assert call(server, "POST", "/v2/repository/models/split/load")[0] == 200
+    assert {infer(server, "split", key=f"k{i}")[1] for i in range(40)} == {"1", "2"}
 
 
 def test_routing_and_pins_survive_a_restart(tmp_path: Path) -> None:

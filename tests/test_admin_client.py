@@ -8,6 +8,8 @@ unreachable, 2 usage error (SystemExit from the parser, before any request is se
 from __future__ import annotations
 
 import argparse
+import email
+import email.policy
 import hashlib
 import json
 import socket
@@ -173,7 +175,7 @@ def test_delete(server, capsys):
     assert capsys.readouterr().out == "deleted mlp version 4\n"
 
 
-def test_upload_puts_the_config_then_the_model_file(server, capsys, tmp_path):
+def test_upload_sends_the_config_and_the_model_file_in_one_request(server, capsys, tmp_path):
     (tmp_path / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
     (tmp_path / "model.onnx").write_bytes(b"\x00onnx" * 100)
     server.answers["PUT", "/v2/admin/models/mlp/versions/4"] = (
@@ -189,16 +191,20 @@ def test_upload_puts_the_config_then_the_model_file(server, capsys, tmp_path):
         str(tmp_path / "config.pbtxt"),
     ]
     assert admin(server, *argv) == 0
-    config, model = server.requests
-    assert (config.method, config.path) == ("PUT", "/v2/admin/models/mlp/config")
-    assert config.headers["Content-Type"] == "text/plain"
-    assert config.body == b'platform: "onnxruntime_onnx"\n'
-    assert (model.method, model.path) == ("PUT", "/v2/admin/models/mlp/versions/4")
-    assert model.headers["Content-Type"] == "application/octet-stream"
-    assert model.headers["Content-Length"] == "500"
-    assert "Transfer-Encoding" not in model.headers
-    assert model.body == b"\x00onnx" * 100
-    assert capsys.readouterr().out.splitlines()[-1] == "uploaded mlp version 4 (500 bytes)"
+    [upload] = server.requests  # one request: both are added, or neither
+    assert (upload.method, upload.path) == ("PUT", "/v2/admin/models/mlp/versions/4")
+    assert upload.headers["Content-Type"].startswith("multipart/form-data; boundary=")
+    assert upload.headers["Content-Length"] == str(len(upload.body))
+    assert "Transfer-Encoding" not in upload.headers
+    head = f"Content-Type: {upload.headers['Content-Type']}\r\n\r\n".encode()
+    parts = email.message_from_bytes(head + upload.body, policy=email.policy.HTTP)
+    config, model = parts.iter_parts()
+    assert config.get_param("name", header="content-disposition") == "config"
+    assert config.get_content() == 'platform: "onnxruntime_onnx"\n'
+    assert model.get_param("name", header="content-disposition") == "model"
+    assert model.get_content_type() == "application/octet-stream"
+    assert model.get_content() == b"\x00onnx" * 100
+    assert capsys.readouterr().out.splitlines() == ["uploaded mlp version 4 (500 bytes)"]
 
 
 def test_upload_streams_the_model_file(server, tmp_path):

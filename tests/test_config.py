@@ -7,12 +7,16 @@ tables; the Repository reads a real directory tree in tmp_path.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
 
 from fleetserve.loaders.onnx import OnnxLoader
+from fleetserve.protos import model_config_pb2
 from fleetserve.server.config import (
+    SUPPORTED_FIELDS,
     BatchPolicy,
     ModelConfig,
     Settings,
@@ -109,7 +113,7 @@ def test_version_policy_is_parsed(text, expected):
     ("text", "kind"),
     [
         ("instance_group [ { kind: KIND_CPU } ]", "KIND_CPU"),
-        ("instance_group [ { kind: KIND_CPU }, { kind: KIND_GPU gpus: [ 0 ] } ]", "KIND_GPU"),
+        ("instance_group [ { kind: KIND_CPU }, { kind: KIND_GPU } ]", "KIND_GPU"),
         ("", "KIND_AUTO"),
     ],
 )
@@ -191,10 +195,185 @@ def test_datatype_fleetserve_cannot_serve_is_invalid_argument(config_type):
         parse(f'output [ {{ name: "x" data_type: {config_type} dims: [ 2 ] }} ]')
 
 
-def test_reshape_is_invalid_argument():
-    text = 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] reshape: { shape: [ 2, 2 ] } } ]'
-    with pytest.raises(InvalidArgument, match="'x': reshape is not supported"):
+# -- the supported subset: everything else is an error naming the field ----------------
+
+UNSUPPORTED = [
+    ("response_cache { enable: true }", "response_cache"),
+    ("response_cache { }", "response_cache"),
+    ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
+    (
+        "optimization { execution_accelerators {\n"
+        '  cpu_execution_accelerator: [ { name: "openvino" } ] } }',
+        "optimization.execution_accelerators.cpu_execution_accelerator['openvino']",
+    ),
+    (
+        "optimization { execution_accelerators {\n"
+        '  gpu_execution_accelerator: [ { name: "tensorrt" } ] } }',
+        "optimization.execution_accelerators.gpu_execution_accelerator['tensorrt']",
+    ),
+    (
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] label_filename: "labels.txt" } ]',
+        "output['y'].label_filename",
+    ),
+    (
+        "max_batch_size: 4\ndynamic_batching { preserve_ordering: true }",
+        "dynamic_batching.preserve_ordering",
+    ),
+    (
+        "max_batch_size: 4\ndynamic_batching { priority_levels: 2 }",
+        "dynamic_batching.priority_levels",
+    ),
+    (
+        "max_batch_size: 4\ndynamic_batching { priority_queue_policy { key: 1 value: { } } }",
+        "dynamic_batching.priority_queue_policy[1]",
+    ),
+    (
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] reshape: { shape: [ 2, 2 ] } } ]',
+        "input['x'].reshape",
+    ),
+    (
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] optional: true } ]',
+        "input['x'].optional",
+    ),
+    (
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] allow_ragged_batch: true } ]',
+        "input['x'].allow_ragged_batch",
+    ),
+    (
+        'output [ { name: "y" data_type: TYPE_INT64 dims: [ 1 ] is_shape_tensor: true } ]',
+        "output['y'].is_shape_tensor",
+    ),
+    ("instance_group [ { kind: KIND_GPU gpus: [ 1 ] } ]", "instance_group.gpus"),
+    ("optimization { priority: PRIORITY_MAX }", "optimization.priority"),
+    ("optimization { input_pinned_memory { enable: false } }", "optimization.input_pinned_memory"),
+]
+
+
+@pytest.mark.parametrize(("text", "field"), UNSUPPORTED, ids=[f for _, f in UNSUPPORTED])
+def test_a_field_fleetserve_does_not_act_on_is_invalid_argument_naming_it(text, field):
+    with pytest.raises(InvalidArgument) as err:
+        parse(text, "strict")
+    message = err.value.message
+    assert f"model 'strict': config.pbtxt: {field} is set" in message
+    assert "does not act on it" in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "model_transaction_policy { decoupled: false }",
+        "max_batch_size: 4\ndynamic_batching { preserve_ordering: false priority_levels: 0 }",
+        "optimization { execution_accelerators { } priority: PRIORITY_DEFAULT }",
+        'input [ { name: "x" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ 3, 8, 8 ] } ]',
+        'instance_group [ { name: "cpu_group" kind: KIND_MODEL count: 2 } ]',
+    ],
+    ids=["decoupled-false", "batching-defaults", "empty-accelerators", "format", "group-name"],
+)
+def test_defaults_and_labels_that_ask_for_nothing_are_accepted(text):
+    parse(text)
+
+
+def _all_paths(descriptor, prefix=""):
+    """Every field path of a message type, as SUPPORTED_FIELDS spells them."""
+    for fd in descriptor.fields:
+        path = prefix + fd.name
+        yield path
+        message = fd.message_type
+        if message is not None and message.GetOptions().map_entry:
+            message = message.fields_by_name["value"].message_type
+        if message is not None:
+            yield from _all_paths(message, path + ".")
+
+
+def _set(message, parts):
+    """Set the field at `parts` to something other than its default (building the way)."""
+    fd = message.DESCRIPTOR.fields_by_name[parts[0]]
+    container = getattr(message, fd.name)
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        value_fd = fd.message_type.fields_by_name["value"]
+        key = 1 if fd.message_type.fields_by_name["key"].type != value_fd.TYPE_STRING else "k"
+        if value_fd.message_type is None:
+            container[key] = "v"
+            return
+        target = container[key]
+    elif fd.message_type is not None:
+        target = container.add() if fd.is_repeated else container
+        target.SetInParent()
+    else:
+        value = {fd.TYPE_BOOL: True, fd.TYPE_STRING: "x"}.get(fd.type, 1)
+        if fd.is_repeated:
+            container.append(value)
+        else:
+            setattr(message, fd.name, value)
+        return
+    if len(parts) > 1:
+        _set(target, parts[1:])
+
+
+def test_every_field_of_the_schema_outside_the_subset_is_refused_by_its_path():
+    """The audit, over protos/model_config.proto itself: a field added to the schema
+    and not to SUPPORTED_FIELDS is refused, never silently accepted."""
+    paths = list(_all_paths(model_config_pb2.ModelConfig.DESCRIPTOR))
+    assert set(paths) >= SUPPORTED_FIELDS  # the table names real fields only
+    refused = [p for p in paths if p not in SUPPORTED_FIELDS]
+    assert "response_cache" in refused and "model_transaction_policy.decoupled" in refused
+    for path in refused:
+        message = model_config_pb2.ModelConfig()
+        _set(message, path.split("."))
+        with pytest.raises(InvalidArgument, match="does not act on it") as err:
+            parse(text_format.MessageToString(message))
+        shown = re.sub(r"\[[^]]*\]", "", err.value.message.split("config.pbtxt: ")[1])
+        assert shown.split(" is set")[0] in (path, path.rsplit(".", 1)[0]), err.value.message
+    for path in SUPPORTED_FIELDS:  # never refused as unsupported (other checks may apply)
+        message = model_config_pb2.ModelConfig()
+        _set(message, path.split("."))
+        try:
+            parse(text_format.MessageToString(message))
+        except InvalidArgument as exc:
+            assert "does not act on it" not in exc.message, path
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("intra_op_threads", "2", "parameters key 'intra_op_threads' is not one fleetserve"),
+        ("execution_mode", "0", "parameters key 'execution_mode'"),
+        ("intra_op_thread_count", "many", "'intra_op_thread_count' must be a whole number"),
+        ("inter_op_thread_count", "-1", "'inter_op_thread_count' must be a whole number"),
+        ("graph_optimization_level", "max", "must be disable, basic, extended or all"),
+        ("feedback_sample_rate", "2", "'feedback_sample_rate' must be a number in 0..1"),
+        ("feedback_sample_rate", "often", "'feedback_sample_rate' must be a number in 0..1"),
+        ("pinned", "yes", "'pinned' must be true or false"),
+    ],
+)
+def test_unknown_parameter_or_bad_value_is_invalid_argument_naming_it(key, value, problem):
+    text = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+    with pytest.raises(InvalidArgument) as err:
         parse(text)
+    assert problem in err.value.message
+    if "is not one" in problem:
+        assert "known: intra_op_thread_count" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("optimization { graph { level: 2 } }", "optimization.graph.level must be -1"),
+        ("instance_group [ { count: -1 } ]", "instance_group count must be >= 0"),
+    ],
+)
+def test_values_fleetserve_cannot_act_on_are_invalid_argument(text, problem):
+    with pytest.raises(InvalidArgument, match=re.escape(problem)):
+        parse(text)
+
+
+def test_known_parameters_are_acted_on():
+    config = parse(
+        'parameters { key: "pinned" value: { string_value: "TRUE" } }\n'
+        'parameters { key: "feedback_sample_rate" value: { string_value: "0.25" } }'
+    )
+    assert config.pinned and config.feedback_rate(1.0) == 0.25
+    assert not parse("").pinned and parse("").feedback_rate(0.5) == 0.5
 
 
 def test_negative_max_batch_size_is_invalid_argument():
@@ -261,12 +440,6 @@ def test_kind_gpu_puts_cuda_first_with_cpu_fallback():
         "CUDAExecutionProvider",
         "CPUExecutionProvider",
     )
-
-
-def test_non_numeric_thread_count_is_invalid_argument():
-    config = parse('parameters { key: "intra_op_thread_count" value: { string_value: "many" } }')
-    with pytest.raises(InvalidArgument, match="bad thread count parameter"):
-        config.load_options(Settings())
 
 
 # -- completed ------------------------------------------------------------------------

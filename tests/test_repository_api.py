@@ -202,9 +202,81 @@ def test_index_reports_states_before_and_after_a_request_and_after_unload(
     client.triton.unload_model("mlp")
     assert client.index()[("mlp", "2")] == ("UNAVAILABLE", "unloaded")
 
-    # ... and the next request loads it again (lazy loading is the rule after an unload)
+    # ... and a load brings it back
+    client.triton.load_model("mlp")
     np.testing.assert_array_equal(client.infer_mlp(), expected)
     assert client.index()[("mlp", "2")] == ("READY", "")
+
+
+# -- Triton's unload semantics: out of service until loaded -----------------------------
+
+
+def assert_out_of_service(client: Client, model: str = "mlp") -> None:
+    """Not ready, and a request is UNAVAILABLE naming the unload (and loads nothing)."""
+    assert not client.triton.is_model_ready(model)
+    error = error_of(client.infer_mlp)
+    assert error.status() == client.status(UNAVAILABLE)
+    assert "was unloaded" in error.message() and "mlp:2" in error.message()
+    assert client.index()[(model, "2")] == ("UNAVAILABLE", "unloaded")
+
+
+def test_an_unloaded_model_is_out_of_service_until_loaded(client: Client, repo: Path) -> None:
+    expected = ort_run(repo, "mlp", 2, {"INPUT0": mlp_input(2)})["OUTPUT0"]
+    assert client.triton.is_model_ready("mlp")  # never loaded: loads on first use
+    np.testing.assert_array_equal(client.infer_mlp(), expected)
+    client.triton.unload_model("mlp")
+    assert_out_of_service(client)
+    assert_out_of_service(client)  # a refused request did not load it either
+    client.triton.load_model("mlp")
+    assert client.triton.is_model_ready("mlp")
+    np.testing.assert_array_equal(client.infer_mlp(), expected)
+
+
+def test_unloading_a_model_never_loaded_takes_it_out_of_service_too(client: Client) -> None:
+    client.triton.unload_model("mlp")
+    assert_out_of_service(client)
+    client.triton.load_model("mlp")
+    assert client.index()[("mlp", "2")] == ("READY", "")
+
+
+def test_metadata_of_an_unloaded_model_is_unavailable(client: Client) -> None:
+    client.triton.unload_model("versioned")
+    for call in (client.triton.get_model_metadata, client.triton.get_model_config):
+        error = error_of(call, "versioned", "2")
+        assert error.status() == client.status(UNAVAILABLE)
+        assert "versioned:2 was unloaded" in error.message()
+    assert not client.triton.is_model_ready("versioned", "1")
+
+
+def test_an_unload_is_not_persisted_a_restart_clears_it(
+    serve: Callable[..., RunningServer],
+) -> None:
+    first = serve()
+    c = Client("grpc", first)
+    c.triton.unload_model("mlp")
+    assert_out_of_service(c)
+    c.close()
+    stop_server(first)
+    c = Client("grpc", serve())
+    assert c.triton.is_model_ready("mlp")
+    assert c.infer_mlp().shape == (2, 4)
+    c.close()
+
+
+def test_an_evicted_model_is_not_unloaded_it_loads_again_on_first_use(
+    serve: Callable[..., RunningServer], repo: Path, protocol: str
+) -> None:
+    testing.write_model(repo, "other", testing.fixed_shape((2,)))
+    c = Client(protocol, serve(max_loaded_models=1))
+    expected = ort_run(repo, "mlp", 2, {"INPUT0": mlp_input(2)})["OUTPUT0"]
+    np.testing.assert_array_equal(c.infer_mlp(), expected)
+    c.triton.load_model("other")  # room for one model: mlp is evicted
+    assert c.index()[("mlp", "2")] == ("UNAVAILABLE", "evicted")
+    assert c.triton.is_model_ready("mlp")
+    np.testing.assert_array_equal(c.infer_mlp(), expected)  # loaded again, lazily
+    assert c.index()[("mlp", "2")] == ("READY", "")
+    assert c.index()[("other", "1")] == ("UNAVAILABLE", "evicted")
+    c.close()
 
 
 def test_ready_only_index_keeps_ready_versions(serve: Callable[..., RunningServer]) -> None:
