@@ -1257,6 +1257,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--mlp-layers needs at least two positive widths ({a.mlp_layers})")
     if a.mlp_layers and a.model:
         ap.error("--model and --mlp-layers exclude each other")
+    if not a.model:
+        try:
+            import onnx  # noqa: F401  (builds the MLP; the server itself never needs it)
+        except ModuleNotFoundError:
+            ap.error(
+                "building the MLP needs the onnx package: pip install -e '.[bench]' from the "
+                "checkout (or serve a model file of your own with --model FILE.onnx)"
+            )
 
     def _terminate(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)  # unwind, so that the servers we started are stopped
@@ -1330,7 +1338,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) if a.out else HERE / "out" / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_nan_to_none(report), indent=2) + "\n")
-    print(f"\nreport: {out}")
+    print(f"\nreport: {out}\nplots: {shlex.join([sys.executable, str(HERE / 'plot.py'), str(out)])}")
     failed = [r for r in runner.results if r.failed]
     return 1 if failed else 0
 
