@@ -240,8 +240,8 @@ class RouteChange:
         for name in self.removed_aliases:
             del aliases[name]
         aliases.update(self.aliases)
-        weights = routing.get("weights") or {} if self.weights is None else self.weights
-        shadow = None if self.drop_shadow else self.shadow or routing.get("shadow")
+        weights = (routing.get("weights") or {}) if self.weights is None else self.weights
+        shadow = None if self.drop_shadow else (self.shadow or routing.get("shadow"))
         return {"aliases": aliases, "weights": weights, "shadow": shadow}
 
 
