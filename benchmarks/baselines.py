@@ -40,16 +40,17 @@ NP_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NP.items()}
 MAX_MSG = 64 * 1024 * 1024
 
 
-def load_grpc_modules() -> tuple[Any, Any, str]:
-    """(service_pb2, service_pb2_grpc, origin): tritonclient's generated stubs.
+def grpc_messages() -> Any:
+    """fleetserve's generated Open Inference Protocol messages (module grpc_service_pb2).
 
-    The bare baseline is a plain generated servicer, the way a grpc.aio user would write
-    one; fleetserve's own protos carry messages only (no *_pb2_grpc), and the wire format
-    is the same.
+    Message names never go on the wire, only the method path, so these serve a bare
+    servicer registered by hand, as a grpc.aio user without service stubs (and fleetserve
+    itself) writes one; no tritonclient needed, and the stubs are the ones that the
+    installed protobuf runs.
     """
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    from fleetserve.protos import grpc_service_pb2
 
-    return service_pb2, service_pb2_grpc, "tritonclient.grpc"
+    return grpc_service_pb2
 
 
 def make_session(model_path: str) -> Any:
@@ -124,54 +125,56 @@ def serve_rest(sess: Any, host: str, port: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def build_grpc_servicer(sess: Any, pb2: Any, pb2_grpc: Any) -> Any:
+def build_grpc_handler(sess: Any, pb2: Any) -> Any:
+    """A generic handler with the one method, ModelInfer (what generated stubs register)."""
     import grpc
 
     out_names = [o.name for o in sess.get_outputs()]
 
-    class Servicer(pb2_grpc.GRPCInferenceServiceServicer):
-        async def ModelInfer(self, request: Any, context: Any) -> Any:
-            try:
-                raw = request.raw_input_contents
-                feeds = {
-                    inp.name: np.frombuffer(raw[i], dtype=V2_TO_NP[inp.datatype]).reshape(
-                        tuple(inp.shape)
-                    )
-                    for i, inp in enumerate(request.inputs)
-                }
-                results = sess.run(out_names, feeds)
-            except Exception as exc:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}"
+    async def model_infer(request: Any, context: Any) -> Any:
+        try:
+            raw = request.raw_input_contents
+            feeds = {
+                inp.name: np.frombuffer(raw[i], dtype=V2_TO_NP[inp.datatype]).reshape(
+                    tuple(inp.shape)
                 )
-            resp = pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
-            for name, arr in zip(out_names, results, strict=True):
-                out = resp.outputs.add()
-                out.name = name
-                out.datatype = NP_TO_V2.get(arr.dtype, "FP32")
-                out.shape.extend(arr.shape)
-                resp.raw_output_contents.append(arr.tobytes())
-            return resp
+                for i, inp in enumerate(request.inputs)
+            }
+            results = sess.run(out_names, feeds)
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
+        resp = pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
+        for name, arr in zip(out_names, results, strict=True):
+            out = resp.outputs.add()
+            out.name = name
+            out.datatype = NP_TO_V2.get(arr.dtype, "FP32")
+            out.shape.extend(arr.shape)
+            resp.raw_output_contents.append(arr.tobytes())
+        return resp
 
-    return Servicer()
+    method = grpc.unary_unary_rpc_method_handler(
+        model_infer,
+        request_deserializer=pb2.ModelInferRequest.FromString,
+        response_serializer=pb2.ModelInferResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": method}
+    )
 
 
 async def serve_grpc(sess: Any, host: str, port: int) -> None:
     import grpc
 
-    pb2, pb2_grpc, origin = load_grpc_modules()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MSG),
             ("grpc.max_send_message_length", MAX_MSG),
         ]
     )
-    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        build_grpc_servicer(sess, pb2, pb2_grpc), server
-    )
+    server.add_generic_rpc_handlers((build_grpc_handler(sess, grpc_messages()),))
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    print(f"baseline grpc serving on {host}:{port} (stubs: {origin})", file=sys.stderr, flush=True)
+    print(f"baseline grpc serving on {host}:{port}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

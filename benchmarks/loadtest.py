@@ -128,7 +128,7 @@ class Payload:
 def build_payload(model_file: Path, model_name: str) -> Payload:
     import onnxruntime as ort
     import orjson
-    from baselines import V2_TO_NP, load_grpc_modules
+    from baselines import V2_TO_NP, grpc_messages
 
     sess = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1234)
@@ -149,7 +149,7 @@ def build_payload(model_file: Path, model_name: str) -> Payload:
             for n, a in inputs.items()
         ]
     }
-    pb2, _, _ = load_grpc_modules()
+    pb2 = grpc_messages()
     req = pb2.ModelInferRequest(model_name=model_name)
     for n, a in inputs.items():
         t = req.inputs.add()
@@ -189,9 +189,9 @@ def check_grpc(target: str, p: Payload, timeout: float = 10.0) -> int:
     run uses to infer non-OK grpc-status answers (a failed call carries no DATA).
     """
     import grpc
-    from baselines import V2_TO_NP, load_grpc_modules
+    from baselines import V2_TO_NP, grpc_messages
 
-    pb2, _, _ = load_grpc_modules()
+    pb2 = grpc_messages()
     with grpc.insecure_channel(target) as ch:
         call = ch.unary_unary(GRPC_PATH)  # bytes in, bytes out
         raw, rpc = call.with_call(p.grpc_message, timeout=timeout)
@@ -1257,6 +1257,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--mlp-layers needs at least two positive widths ({a.mlp_layers})")
     if a.mlp_layers and a.model:
         ap.error("--model and --mlp-layers exclude each other")
+    if not a.model:
+        try:
+            import onnx  # noqa: F401  (builds the MLP; the server itself never needs it)
+        except ModuleNotFoundError:
+            ap.error(
+                "building the MLP needs the onnx package: pip install -e '.[bench]' from the "
+                "checkout (or serve a model file of your own with --model FILE.onnx)"
+            )
 
     def _terminate(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)  # unwind, so that the servers we started are stopped
@@ -1330,7 +1338,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) if a.out else HERE / "out" / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_nan_to_none(report), indent=2) + "\n")
-    print(f"\nreport: {out}")
+    print(
+        f"\nreport: {out}\nplots: {shlex.join([sys.executable, str(HERE / 'plot.py'), str(out)])}"
+    )
     failed = [r for r in runner.results if r.failed]
     return 1 if failed else 0
 

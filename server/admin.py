@@ -32,6 +32,7 @@ from fleetserve.server.cache import ModelCache, checked_config
 from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, Settings, parse_model_config
 from fleetserve.server.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ServerError,
@@ -47,7 +48,7 @@ from fleetserve.server.files import (
 )
 from fleetserve.server.repository import ModelEntry, Repository, Snapshot, check_model_name
 from fleetserve.server.router import Router
-from fleetserve.server.routing import Routing, RoutingStore, parse_routing
+from fleetserve.server.routing import Routing, RoutingStore, if_match, parse_routing
 from fleetserve.server.types import ModelId, ModelState
 from fleetserve.server.versions import parse_version
 
@@ -526,19 +527,30 @@ class AdminService:
             await self._unload([ModelId(name, number)], out_of_service=False)
         audit(who, "delete", name, number)
 
-    def get_routing(self, name: str) -> dict[str, Any]:
+    def get_routing(self, name: str) -> tuple[dict[str, Any], str]:
+        """A model's routing in its JSON form, and its ETag."""
         check_model_name(name)
         self._known(name)
-        return self._router.routing(name).to_json()
+        routing = self._router.routing(name)
+        return routing.to_json(), routing.etag
 
     @to_completion
-    async def put_routing(self, name: str, doc: Any, who: str) -> dict[str, Any]:
-        """Replace a model's routing (aliases, weights, shadow); pins are kept."""
+    async def put_routing(
+        self, name: str, doc: Any, who: str, expected: str | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """Replace a model's routing (aliases, weights, shadow); pins are kept. With
+        `expected` (an If-Match header), only if the routing's ETag is still one it names."""
         check_model_name(name)
         async with self._exclusive(name):
             await self.rescan(fresh=(name,))
             entry = self._known(name)
-            routing = parse_routing(doc, self._router.routing(name).pinned)
+            current = self._router.routing(name)
+            if expected is not None and not if_match(expected, current.etag):
+                raise FailedPrecondition(
+                    f"the routing of {name!r} changed since it was read (ETag now "
+                    f"{current.etag}, If-Match {expected[:100]}): read it again"
+                )
+            routing = parse_routing(doc, current.pinned)
             missing = sorted((routing.versions - routing.pinned) - set(entry.versions))
             if missing:
                 raise InvalidArgument(
@@ -547,7 +559,7 @@ class AdminService:
                 )
             await self._save_routing(name, routing)
         audit(who, "route", name, None, json.dumps(routing.to_json(), sort_keys=True))
-        return routing.to_json()
+        return routing.to_json(), routing.etag
 
     async def _save_routing(self, name: str, routing: Routing) -> None:
         """Persist first, then apply: what serves is always what a restart would restore."""

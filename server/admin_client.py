@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,6 +27,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "FLEETSERVE_URL"
 TOKEN_ENV = "FLEETSERVE_ADMIN_TOKEN"
 MODELS = "/v2/admin/models"
+ROUTE_TRIES = 5  # read-modify-write attempts of `route` before giving up on a busy routing
 LIFECYCLE = {"load": "loaded", "unload": "unloaded", "pin": "pinned", "unpin": "unpinned"}
 
 
@@ -36,9 +38,10 @@ class UsageError(Exception):
 class AdminError(Exception):
     """The server answered an error or could not be reached (exit 1)."""
 
-    def __init__(self, message: str, hint: str = "") -> None:
+    def __init__(self, message: str, hint: str = "", status: int | None = None) -> None:
         super().__init__(message)
         self.hint = hint
+        self.status = status  # the HTTP status, when the server answered
 
 
 # ---------------------------------------------------------------- the HTTP client
@@ -60,17 +63,31 @@ class Client:
         length: int | None = None,
     ) -> Any:
         """One request; the decoded JSON answer, or AdminError with the server's message."""
+        return self.exchange(method, path, body, content_type, length)[0]
+
+    def exchange(
+        self,
+        method: str,
+        path: str,
+        body: bytes | BinaryIO | None = None,
+        content_type: str = "application/json",
+        length: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[Any, Message]:
+        """`call` that also sends `headers` and returns the answer's headers."""
         request = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             request.add_header("Content-Type", content_type)
             # explicit length: a file object or blocks are then streamed, not chunked or read whole
             size = len(body) if isinstance(body, bytes) else length
             request.add_header("Content-Length", str(size))
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                text = response.read()
+                text, head = response.read(), response.headers
         except urllib.error.HTTPError as err:
             raise self._http_error(err) from None
         except urllib.error.URLError as err:
@@ -78,7 +95,7 @@ class Client:
         except OSError as err:  # a timeout or reset while reading the answer
             raise self._unreachable(err) from None
         try:
-            return json.loads(text) if text.strip() else {}
+            return (json.loads(text) if text.strip() else {}), head
         except ValueError:
             raise AdminError(f"the server's answer is not JSON: {text[:200]!r}") from None
 
@@ -98,7 +115,7 @@ class Client:
         elif err.code == 404 and (message.startswith("no route") or not ours):
             # fleetserve without the admin API answers "no route ...", another server anything
             hint = f"the server has no admin API at {self.url}"
-        return AdminError(f"{message} (HTTP {err.code})", hint)
+        return AdminError(f"{message} (HTTP {err.code})", hint, err.code)
 
     def _unreachable(self, reason: object) -> AdminError:
         if isinstance(reason, ConnectionRefusedError):
@@ -203,20 +220,52 @@ def _non_negative(text: str, what: str, option: str) -> int:
     return int(text)
 
 
-def routing_document(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The full routing to PUT (it replaces the model's routing), or None to just show it."""
-    given = args.alias or args.weight or args.shadow is not None
+@dataclass(frozen=True)
+class RouteChange:
+    """The parts of a model's routing that `route` options name; the rest is kept."""
+
+    aliases: dict[str, int]  # added or moved
+    removed_aliases: tuple[str, ...]
+    weights: dict[str, int] | None  # the whole new split; {} removes it; None keeps it
+    shadow: dict[str, Any] | None  # the new shadow; None keeps it (or removes it: drop_shadow)
+    drop_shadow: bool
+
+    def apply(self, routing: dict[str, Any], model: str) -> dict[str, Any]:
+        """The routing to write: `routing` (as read) with this change made."""
+        aliases = dict(routing.get("aliases") or {})
+        if unknown := [name for name in self.removed_aliases if name not in aliases]:
+            raise AdminError(
+                f"{model} has no alias {', '.join(unknown)} "
+                f"(aliases: {', '.join(aliases) or 'none'})"
+            )
+        for name in self.removed_aliases:
+            del aliases[name]
+        aliases.update(self.aliases)
+        weights = (routing.get("weights") or {}) if self.weights is None else self.weights
+        shadow = None if self.drop_shadow else (self.shadow or routing.get("shadow"))
+        return {"aliases": aliases, "weights": weights, "shadow": shadow}
+
+
+def route_change(args: argparse.Namespace) -> RouteChange | None:
+    """What the options change, or None when they change nothing (show, or --clear)."""
+    given = [
+        args.alias, args.remove_alias, args.weight, args.no_weights, args.shadow, args.no_shadow
+    ]  # fmt: skip
     if args.clear:
-        if given:
-            raise UsageError("--clear cannot be combined with --alias, --weight or --shadow")
-        return {}
-    if not given:
+        if any(given):
+            raise UsageError("--clear cannot be combined with other routing options")
         return None
-    return {
-        "aliases": _unique(args.alias, "alias"),
-        "weights": _unique(args.weight, "weight for version"),
-        "shadow": args.shadow,
-    }
+    if not any(given):
+        return None
+    if args.weight and args.no_weights:
+        raise UsageError("--weight cannot be combined with --no-weights")
+    if args.shadow is not None and args.no_shadow:
+        raise UsageError("--shadow cannot be combined with --no-shadow")
+    aliases = _unique(args.alias, "alias")
+    if both := sorted(set(aliases) & set(args.remove_alias)):
+        raise UsageError(f"alias {both[0]} is both set and removed")
+    weights = {} if args.no_weights else _unique(args.weight, "weight for version") or None
+    return RouteChange(aliases, tuple(args.remove_alias), weights, args.shadow, args.no_shadow)
 
 
 def _unique(pairs: list[tuple[str, int]], what: str) -> dict[str, int]:
@@ -226,6 +275,31 @@ def _unique(pairs: list[tuple[str, int]], what: str) -> dict[str, int]:
             raise UsageError(f"{what} {key} given twice")
         result[key] = value
     return result
+
+
+def change_routing(client: Client, model: str, change: RouteChange) -> Any:
+    """Read the routing, change it, write it back only if nobody changed it meanwhile
+    (If-Match its ETag); when someone did (412), read it again and redo the change."""
+    path = model_path(model, tail="/routing")
+    for _ in range(ROUTE_TRIES):
+        current, head = client.exchange("GET", path)
+        etag = head.get("ETag")
+        if etag is None:
+            raise AdminError(
+                f"the server sent the routing of {model} without an ETag, so a change could "
+                "silently undo another made at the same time; nothing was changed",
+                "the server is older than this client",
+            )
+        body = json.dumps(change.apply(current, model)).encode()
+        try:
+            return client.exchange("PUT", path, body, headers={"If-Match": etag})[0]
+        except AdminError as err:
+            if err.status != 412:
+                raise
+    raise AdminError(
+        f"the routing of {model} changed while this change was being made, {ROUTE_TRIES} "
+        "times in a row; nothing was changed: try again"
+    )
 
 
 # ---------------------------------------------------------------- commands
@@ -290,18 +364,17 @@ def cmd_delete(client: Client, args: argparse.Namespace) -> None:
 
 
 def cmd_route(client: Client, args: argparse.Namespace) -> None:
-    document = routing_document(args)
-    path = model_path(args.model, tail="/routing")
-    if document is None:
-        routing = client.call("GET", path)
-        verb = "routing of"
+    change, path = route_change(args), model_path(args.model, tail="/routing")
+    if args.clear:
+        routing, verb = client.call("PUT", path, b"{}"), "cleared"
+    elif change is None:
+        routing, verb = client.call("GET", path), ""
     else:
-        routing = client.call("PUT", path, json.dumps(document).encode())
-        verb = "cleared routing of" if args.clear else "set routing of"
+        routing, verb = change_routing(client, args.model, change), "changed"
     if args.json:
         _print_json(routing)
     else:
-        print(f"{verb} {args.model}: {describe_routing(routing)}")
+        print(f"{verb} routing of {args.model}: {describe_routing(routing)}".lstrip())
 
 
 # ---------------------------------------------------------------- parser and entry point
@@ -353,22 +426,32 @@ def add_admin_parser(subparsers: argparse._SubParsersAction) -> None:
 
     route = command(
         "route", cmd_route,
-        "show a model's routing, or replace it: parts not given are removed",
+        "show a model's routing, or change the parts the options name (the rest is kept)",
     )  # fmt: skip
     route.add_argument("model", metavar="MODEL")
     route.add_argument(
         "--alias", type=alias_option, action="append", default=[], metavar="NAME=VERSION",
-        help="name a version, e.g. stable=3 (repeatable)",
+        help="add or move an alias, e.g. stable=3 (repeatable; other aliases are kept)",
+    )  # fmt: skip
+    route.add_argument(
+        "--remove-alias", action="append", default=[], metavar="NAME",
+        help="remove an alias (repeatable)",
     )  # fmt: skip
     route.add_argument(
         "--weight", type=weight_option, action="append", default=[], metavar="VERSION=WEIGHT",
-        help="traffic share of a version, e.g. 3=90 (repeatable)",
+        help="traffic share of a version, e.g. 3=90 (repeatable); the weights given replace "
+        "the whole split",
+    )  # fmt: skip
+    route.add_argument(
+        "--no-weights", action="store_true",
+        help="remove the split: unversioned requests go to the latest version",
     )  # fmt: skip
     route.add_argument(
         "--shadow", type=shadow_option, metavar="VERSION:FRACTION",
-        help="mirror this fraction of requests to VERSION, e.g. 4:0.1",
+        help="mirror this fraction of requests to VERSION, e.g. 4:0.1 (replaces the shadow)",
     )  # fmt: skip
-    route.add_argument("--clear", action="store_true", help="remove all routing")
+    route.add_argument("--no-shadow", action="store_true", help="remove the shadow")
+    route.add_argument("--clear", action="store_true", help="remove all routing (not pins)")
     route.add_argument("--json", action="store_true", help="print the server's raw JSON")
 
 

@@ -13,6 +13,7 @@ class ErrorKind(enum.Enum):
     NOT_FOUND = "NOT_FOUND"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
     UNAVAILABLE = "UNAVAILABLE"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
@@ -49,6 +50,12 @@ class InvalidArgument(ServerError):
 
 class AlreadyExists(ServerError):
     kind = ErrorKind.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServerError):
+    """The client's condition (e.g. If-Match on a routing change) no longer holds."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
 
 
 class Unavailable(ServerError):

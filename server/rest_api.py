@@ -17,6 +17,7 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import BodyPartReader, web
@@ -45,6 +46,7 @@ STATUS = {
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.INVALID_ARGUMENT: 400,
     ErrorKind.ALREADY_EXISTS: 409,
+    ErrorKind.FAILED_PRECONDITION: 412,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.RESOURCE_EXHAUSTED: 507,
     ErrorKind.DEADLINE_EXCEEDED: 504,
@@ -100,6 +102,12 @@ def endpoint(fn: Handler) -> Handler:
 
 def json_response(doc: object) -> web.Response:
     return web.Response(body=orjson.dumps(doc), content_type=JSON)
+
+
+def routing_response(routing: tuple[dict[str, Any], str]) -> web.Response:
+    """A routing with its ETag, for a read-modify-write with If-Match."""
+    doc, etag = routing
+    return web.Response(body=orjson.dumps(doc), content_type=JSON, headers={"ETag": etag})
 
 
 class RestApi:
@@ -320,10 +328,11 @@ class RestApi:
             return json_response({"models": models} if name is None else models[0])
         if version is None:
             if action == "routing" and method == "GET":
-                return json_response(admin.get_routing(name))
+                return routing_response(admin.get_routing(name))
             if action == "routing" and method == "PUT":
                 doc = await self._json_body(request)
-                return json_response(await admin.put_routing(name, doc, who))
+                expected = request.headers.get("If-Match")
+                return routing_response(await admin.put_routing(name, doc, who, expected))
             if action == "config" and method == "PUT":
                 text = await self._text_body(request)
                 await admin.put_config(name, text, who)

@@ -57,6 +57,14 @@ class Routing:
             else {"version": self.shadow_version, "fraction": self.shadow_fraction},
         }
 
+    @property
+    def etag(self) -> str:
+        """The admin API's ETag of `to_json()` (pins are not part of it): a client that
+        reads, changes and writes the routing sends it back as If-Match, so a change made
+        by someone else meanwhile is refused (412) rather than silently overwritten."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return '"' + hashlib.blake2b(text.encode(), digest_size=8).hexdigest() + '"'
+
     def with_pins(self, pinned: frozenset[int]) -> Routing:
         return Routing(
             self.aliases, self.weights, self.shadow_version, self.shadow_fraction, pinned
@@ -68,6 +76,12 @@ class Routing:
 
 
 NO_ROUTING = Routing()
+
+
+def if_match(header: str, etag: str) -> bool:
+    """RFC 9110 If-Match: `*` or a list of strong entity tags, one of them `etag`."""
+    tags = [tag.strip() for tag in header.split(",")]
+    return "*" in tags or etag in tags
 
 
 def parse_routing(doc: Any, pinned: frozenset[int] = frozenset()) -> Routing:

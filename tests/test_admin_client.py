@@ -1,8 +1,9 @@
-"""`fleetserve admin ...` against a tiny real HTTP server that records what it receives.
+"""`fleetserve admin ...` against a tiny real HTTP server that records what it receives,
+and `route` (a read-modify-write) against a real fleetserve.
 
-The server answers canned JSON per (method, path); the tests check the exact requests the
-command line sends, what it prints and its exit codes: 0 done, 1 server error or
-unreachable, 2 usage error (SystemExit from the parser, before any request is sent).
+The recording server answers canned JSON per (method, path); the tests check the exact
+requests the command line sends, what it prints and its exit codes: 0 done, 1 server error
+or unreachable, 2 usage error (SystemExit from the parser, before any request is sent).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import email
 import email.policy
 import hashlib
 import json
+import re
 import socket
 import threading
 import tracemalloc
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,9 +26,13 @@ from typing import Any
 
 import pytest
 
-from fleetserve.server.admin_client import add_admin_parser, run_admin
+from fleetserve.loaders import testing
+from fleetserve.server.admin_client import RouteChange, add_admin_parser, run_admin
+from tests.conftest import RunningServer, start_server, stop_server, test_settings
+from tests.helpers import WAIT_S
 
 TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ROUTING = {"aliases": {"stable": 3, "canary": 4}, "weights": {"3": 90, "4": 10},
            "shadow": {"version": 4, "fraction": 0.1}}  # fmt: skip
 ROUTING_LINE = "aliases stable=3 canary=4; weights 3=90 4=10; shadow version 4 fraction 0.1"
@@ -233,27 +241,27 @@ def test_route_without_options_shows_the_routing(server, capsys):
     assert capsys.readouterr().out == f"routing of mlp: {ROUTING_LINE}\n"
 
 
-@pytest.mark.parametrize(
-    ("options", "document"),
-    [
-        (["--alias", "stable=3", "--alias", "canary=4", "--weight", "3=90", "--weight", "4=10",
-          "--shadow", "4:0.1"], ROUTING),
-        (["--weight", "03=100"], {"aliases": {}, "weights": {"3": 100}, "shadow": None}),
-        (["--shadow", "2:1"], {"aliases": {}, "weights": {},
-                               "shadow": {"version": 2, "fraction": 1.0}}),
-        (["--clear"], {}),
-    ],
-)  # fmt: skip
-def test_route_options_put_the_whole_routing(server, capsys, options, document):
-    server.answers["PUT", "/v2/admin/models/mlp/routing"] = (200, document)
-    assert admin(server, "route", "mlp", *options) == 0
+def test_route_clear_puts_an_empty_routing(server, capsys):
+    server.answers["PUT", "/v2/admin/models/mlp/routing"] = (200, {})
+    assert admin(server, "route", "mlp", "--clear") == 0
     [req] = server.requests
-    assert (req.method, req.path) == ("PUT", "/v2/admin/models/mlp/routing")
-    assert req.headers["Content-Type"] == "application/json"
-    assert json.loads(req.body) == document
-    assert capsys.readouterr().out.startswith(
-        "cleared routing" if document == {} else "set routing"
+    assert (req.method, req.path, json.loads(req.body)) == (
+        "PUT",
+        "/v2/admin/models/mlp/routing",
+        {},
     )
+    assert "If-Match" not in req.headers
+    assert capsys.readouterr().out == "cleared routing of mlp: none\n"
+
+
+def test_route_changes_nothing_on_a_server_that_sends_no_etag(server, capsys):
+    server.answers["GET", "/v2/admin/models/mlp/routing"] = (200, ROUTING)
+    assert admin(server, "route", "mlp", "--shadow", "3:0.5") == 1
+    assert [(r.method, r.path) for r in server.requests] == [
+        ("GET", "/v2/admin/models/mlp/routing")
+    ]
+    err = capsys.readouterr().err
+    assert "without an ETag" in err and "nothing was changed" in err
 
 
 # ---------------------------------------------------------------- token and url
@@ -299,6 +307,10 @@ def test_url_from_the_environment(server, monkeypatch):
         (["--shadow", "4:1.5"], "fraction must be > 0 and <= 1"),
         (["--shadow", "4:nan"], "fraction must be > 0 and <= 1"),
         (["--clear", "--alias", "a=1"], "--clear cannot be combined"),
+        (["--clear", "--no-shadow"], "--clear cannot be combined"),
+        (["--weight", "3=1", "--no-weights"], "--weight cannot be combined with --no-weights"),
+        (["--shadow", "4:0.5", "--no-shadow"], "--shadow cannot be combined with --no-shadow"),
+        (["--alias", "a=1", "--remove-alias", "a"], "alias a is both set and removed"),
     ],
 )
 def test_malformed_route_options_are_usage_errors(server, capsys, options, message):
@@ -334,12 +346,12 @@ def test_bad_url_is_a_usage_error(capsys):
 
 
 def test_server_error_message_and_status(server, capsys):
-    server.answers["PUT", "/v2/admin/models/mlp/routing"] = (
+    server.answers["DELETE", "/v2/admin/models/mlp/versions/3"] = (
         409,
-        {"error": "version 9 is not loaded"},
+        {"error": "version 3 is named by its routing"},
     )
-    assert admin(server, "route", "mlp", "--weight", "9=1") == 1
-    assert capsys.readouterr().err == "error: version 9 is not loaded (HTTP 409)\n"
+    assert admin(server, "delete", "mlp", "3") == 1
+    assert capsys.readouterr().err == "error: version 3 is named by its routing (HTTP 409)\n"
 
 
 def test_401_hints_at_the_token(server, capsys, monkeypatch):
@@ -376,3 +388,138 @@ def test_connection_refused(capsys):
         url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
         assert admin(FakeServer(url), "status") == 1
     assert capsys.readouterr().err == f"error: cannot reach {url}: is the server running?\n"
+
+
+# ---------------------------------------------------------------- route against a real server
+
+
+REAL_MODELS = ("compose", "race", "busy", "alias", "raw")
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    root = tmp_path_factory.mktemp("routes")
+    for name in REAL_MODELS:
+        for v in (1, 2, 3):
+            testing.write_model(root, name, testing.fixed_shape((2,), factor=float(v)), version=v)
+    running = start_server(test_settings(root, preload=False, admin_token=TOKEN))
+    yield running
+    stop_server(running)
+
+
+def real_admin(real: RunningServer, *argv: str) -> int:
+    return admin(FakeServer(real.http_url), *argv)
+
+
+def routing_of(real: RunningServer, model: str) -> tuple[dict[str, Any], str]:
+    request = urllib.request.Request(
+        f"{real.http_url}/v2/admin/models/{model}/routing", headers=AUTH
+    )
+    with urllib.request.urlopen(request, timeout=WAIT_S) as reply:
+        return json.loads(reply.read()), reply.headers["ETag"]
+
+
+def put_routing(
+    real: RunningServer, model: str, doc: dict[str, Any], if_match: str | None = None
+) -> tuple[int, dict[str, Any], str | None]:
+    headers = {**AUTH, **({"If-Match": if_match} if if_match is not None else {})}
+    request = urllib.request.Request(
+        f"{real.http_url}/v2/admin/models/{model}/routing", json.dumps(doc).encode(),
+        headers, method="PUT",
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_S) as reply:
+            return reply.status, json.loads(reply.read()), reply.headers["ETag"]
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), err.headers["ETag"]
+
+
+def test_successive_route_commands_change_only_what_they_name(real, capsys, monkeypatch):
+    monkeypatch.setenv("FLEETSERVE_ADMIN_TOKEN", TOKEN)
+    steps = [
+        (["--alias", "stable=2", "--alias", "canary=3", "--weight", "2=90", "--weight", "3=10"],
+         {"aliases": {"stable": 2, "canary": 3}, "weights": {"2": 90, "3": 10}, "shadow": None}),
+        (["--shadow", "1:0.25"],
+         {"aliases": {"stable": 2, "canary": 3}, "weights": {"2": 90, "3": 10},
+          "shadow": {"version": 1, "fraction": 0.25}}),
+        (["--weight", "3=1"],  # the weights given are the whole split
+         {"aliases": {"stable": 2, "canary": 3}, "weights": {"3": 1},
+          "shadow": {"version": 1, "fraction": 0.25}}),
+        (["--alias", "stable=3", "--remove-alias", "canary", "--no-shadow"],
+         {"aliases": {"stable": 3}, "weights": {"3": 1}, "shadow": None}),
+        (["--no-weights"], {"aliases": {"stable": 3}, "weights": {}, "shadow": None}),
+        (["--clear"], {"aliases": {}, "weights": {}, "shadow": None}),
+    ]  # fmt: skip
+    assert real_admin(real, "pin", "compose", "1") == 0
+    for options, expected in steps:
+        assert real_admin(real, "route", "compose", *options) == 0, options
+        assert routing_of(real, "compose")[0] == expected, options
+    assert capsys.readouterr().out.splitlines()[-1] == "cleared routing of compose: none"
+    [model] = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{real.http_url}/v2/admin/models/compose", headers=AUTH), timeout=WAIT_S).read()
+    )["versions"][:1]  # fmt: skip
+    assert model["pinned"] is True  # no route command touched the pins
+
+
+def test_removing_an_alias_the_model_lacks_changes_nothing(real, capsys, monkeypatch):
+    monkeypatch.setenv("FLEETSERVE_ADMIN_TOKEN", TOKEN)
+    assert real_admin(real, "route", "alias", "--alias", "stable=1") == 0
+    before = routing_of(real, "alias")
+    assert real_admin(real, "route", "alias", "--remove-alias", "canary", "--weight", "2=1") == 1
+    assert "alias has no alias canary (aliases: stable)" in capsys.readouterr().err
+    assert routing_of(real, "alias") == before
+
+
+def test_a_change_made_between_read_and_write_is_kept_and_ours_redone(real, capsys, monkeypatch):
+    """Another operator's change lands after our read: our PUT gets 412, we read again."""
+    monkeypatch.setenv("FLEETSERVE_ADMIN_TOKEN", TOKEN)
+    assert real_admin(real, "route", "race", "--weight", "1=1") == 0
+    capsys.readouterr()
+    apply, calls = RouteChange.apply, []
+
+    def apply_after_a_concurrent_change(self, routing, model):
+        calls.append(routing)
+        if len(calls) == 1:
+            status, _, _ = put_routing(real, "race", {**routing, "aliases": {"theirs": 2}})
+            assert status == 200
+        return apply(self, routing, model)
+
+    monkeypatch.setattr(RouteChange, "apply", apply_after_a_concurrent_change)
+    assert real_admin(real, "route", "race", "--shadow", "3:0.5") == 0
+    assert [c["aliases"] for c in calls] == [{}, {"theirs": 2}]  # read twice
+    assert routing_of(real, "race")[0] == {
+        "aliases": {"theirs": 2}, "weights": {"1": 1}, "shadow": {"version": 3, "fraction": 0.5}
+    }  # fmt: skip
+    assert capsys.readouterr().out == (
+        "changed routing of race: aliases theirs=2; weights 1=1; shadow version 3 fraction 0.5\n"
+    )
+
+
+def test_a_routing_that_keeps_changing_is_left_alone_after_a_few_tries(real, capsys, monkeypatch):
+    monkeypatch.setenv("FLEETSERVE_ADMIN_TOKEN", TOKEN)
+    apply, weights = RouteChange.apply, iter(range(1, 100))
+
+    def apply_while_others_keep_changing(self, routing, model):
+        assert put_routing(real, "busy", {"weights": {"1": next(weights)}})[0] == 200
+        return apply(self, routing, model)
+
+    monkeypatch.setattr(RouteChange, "apply", apply_while_others_keep_changing)
+    assert real_admin(real, "route", "busy", "--alias", "mine=2") == 1
+    assert "changed while this change was being made, 5 times in a row" in capsys.readouterr().err
+    assert routing_of(real, "busy")[0] == {"aliases": {}, "weights": {"1": 5}, "shadow": None}
+
+
+def test_routing_writes_are_conditional_on_the_etag_when_asked(real):
+    doc, etag = routing_of(real, "raw")
+    assert re.fullmatch(r'"[0-9a-f]{16}"', etag)
+    status, body_after, new_etag = put_routing(real, "raw", {"weights": {"2": 1}}, if_match=etag)
+    assert (status, body_after) == (200, {**doc, "weights": {"2": 1}})
+    assert new_etag != etag and routing_of(real, "raw")[1] == new_etag
+    status, body, _ = put_routing(real, "raw", {"weights": {"3": 1}}, if_match=etag)  # stale
+    assert status == 412
+    assert "routing of 'raw' changed since it was read" in body["error"]
+    assert routing_of(real, "raw") == (body_after, new_etag)
+    assert put_routing(real, "raw", {}, if_match=f'"x", {new_etag}')[0] == 200  # one of a list
+    assert put_routing(real, "raw", {"weights": {"3": 1}}, if_match="*")[0] == 200
+    assert put_routing(real, "raw", {})[0] == 200  # no If-Match: unconditional, as before
+    assert routing_of(real, "raw")[0] == {"aliases": {}, "weights": {}, "shadow": None}
