@@ -85,7 +85,18 @@ def _one_of(*names: Mapping[str, Any] | str) -> AfterValidator:
     return AfterValidator(check)
 
 
-Size = Annotated[ByteSize, Field(ge=0)]  # 512, 64MiB, 4GiB, 1.5GB
+class Size(ByteSize):
+    """Bytes, written 512, 64MiB, 4GiB or 1.5GB (pydantic's ByteSize); shown as 64MiB."""
+
+    def __str__(self) -> str:
+        for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+            if self and self % factor == 0:
+                return f"{self // factor}{unit}"
+        return int.__repr__(self)
+
+
+# held as a plain int: a Size would print as "64MiB" in messages that say "bytes"
+Bytes = Annotated[Size, Field(ge=0), AfterValidator(int)]
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
 Port = Annotated[int, Field(ge=-1, le=65535)]
 
@@ -111,8 +122,8 @@ class Settings(BaseSettings):
     metrics_port: Port = Field(
         8002, description="Prometheus port; 0 picks a free port, -1 turns metrics off"
     )
-    max_request_size: Size = Field(
-        "64MiB",
+    max_request_size: Bytes = Field(
+        Size(64 * 1024**2),
         description="largest request body (REST) or message (gRPC); larger is 400 / "
         "RESOURCE_EXHAUSTED",
     )
@@ -134,8 +145,8 @@ class Settings(BaseSettings):
         "max_queue_size (and requests a version that does not batch may have waiting for "
         "or holding a run thread); more get 503 / UNAVAILABLE",
     )
-    max_loaded_bytes: Size = Field(
-        0,
+    max_loaded_bytes: Bytes = Field(
+        Size(0),
         description="memory budget for loaded models, e.g. 4GiB (0: no limit); idle models "
         "are evicted to make room, a model larger than the whole budget is 507 / "
         "RESOURCE_EXHAUSTED",
@@ -186,7 +197,9 @@ class Settings(BaseSettings):
     data_dir: Path | None = Field(
         None, description="where routing state is kept (default: MODEL_REPOSITORY/.fleetserve)"
     )
-    max_upload_size: Size = Field("4GiB", description="largest model file the admin API accepts")
+    max_upload_size: Bytes = Field(
+        Size(4 * 1024**3), description="largest model file the admin API accepts"
+    )
     feedback_sample_rate: float = Field(
         0,
         ge=0,
@@ -215,8 +228,8 @@ class Settings(BaseSettings):
     feedback_retention: Duration = Field(
         0, description="drop records older than this, e.g. 7d, 12h, 3600 (0: keep them)"
     )
-    feedback_max_size: Size = Field(
-        0, description="drop the oldest records past this size, e.g. 10GiB (0: no limit)"
+    feedback_max_size: Bytes = Field(
+        Size(0), description="drop the oldest records past this size, e.g. 10GiB (0: no limit)"
     )
     metrics_max_models: int = Field(
         100, ge=0, description="models with metric labels of their own; later ones share other"

@@ -777,7 +777,7 @@ def test_cache_metrics_are_present_and_consistent(tmp_path, serve):
 
 
 def test_cli_parses_the_cache_flags():
-    parser, cli = build_parser()
+    parser, cli = build_parser(["serve"])
     argv = [
         "serve", "--model-repository", "models", "--max-loaded-bytes", "4GiB",
         "--max-loaded-models", "12", "--eviction-policy", "cost", "--preload",

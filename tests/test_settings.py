@@ -29,7 +29,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 def load(*flags: str, environ: dict[str, str] | None = None) -> Settings:
     """settings.load as `fleetserve serve FLAGS` with these FLEETSERVE_* variables."""
-    parser, cli = build_parser()
+    parser, cli = build_parser(["serve"])
     with pytest.MonkeyPatch.context() as patch:
         for name, value in (environ or {}).items():
             patch.setenv(name, value)
@@ -70,6 +70,26 @@ def test_every_option_is_a_flag_an_env_var_and_a_file_key(tmp_path):
     by_file = load("--config", str(config))
     for key, (_, expected) in values.items():
         assert getattr(by_flag, key) == getattr(by_env, key) == getattr(by_file, key) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512", 512), ("0", 0), ("64MiB", 64 * 1024**2), ("64mib", 64 * 1024**2),
+     ("64MB", 64 * 1000**2), ("1.5GB", 1_500_000_000), ("4GiB", 4 * 1024**3),
+     (" 8 MiB ", 8 * 1024**2)],
+)  # fmt: skip
+def test_sizes_as_the_readme_writes_them(text, size):
+    assert load("--model-repository", "m", "--max-loaded-bytes", text).max_loaded_bytes == size
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("3600", 3600), ("90s", 90), ("45m", 2700), ("12h", 43200), ("7d", 604800)],
+)
+def test_durations_as_the_readme_writes_them(text, seconds):
+    assert load("--model-repository", "m", "--feedback-retention", text).feedback_retention == (
+        seconds
+    )
 
 
 def test_flag_beats_env_beats_file_beats_default(tmp_path):
