@@ -140,7 +140,8 @@ def access(
     """The access log line of one inference request (`started`: perf_counter)."""
     ms = (time.perf_counter() - started) * 1e3
     ACCESS.info(
-        "%s %s %s:%s %s %.3fms", protocol, request_id, model, version, status, ms,
+        "%s %s %s %s %.3fms", protocol, request_id, f"{model}:{version}" if version else model,
+        status, ms,
         extra={"request_id": request_id, "model": model, "version": version,
                "protocol": protocol, "status": status, "duration_ms": round(ms, 3)},
     )  # fmt: skip

@@ -44,10 +44,12 @@ ENV_PREFIX = "FLEETSERVE_"
 CONFIG_ENV = "FLEETSERVE_CONFIG"
 # FLEETSERVE_* variables that are not server options but must not stop it: the admin
 # CLI's address (its token is the admin_token option), and the variables Kubernetes
-# sets for a Service named fleetserve[-...] in every pod of its namespace
+# sets for a Service named fleetserve[-...] in every pod of its namespace (NAME_PORT
+# only with its tcp:// value, so a misspelt *_PORT option is still caught)
 OTHER_ENV = re.compile(
-    r"FLEETSERVE_(URL|(\w+_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?))"
+    r"FLEETSERVE_(URL|(\w+_)?(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_\w+)?))"
 )
+SERVICE_LINK_PORT = re.compile(r"FLEETSERVE_(\w+_)?PORT=(tcp|udp|sctp)://.*")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -236,7 +238,9 @@ class Settings(BaseSettings):
     )
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_log_level)
-    ] = Field("INFO", description="DEBUG (Triton's VERBOSE), INFO, WARNING or ERROR")
+    ] = Field(
+        "INFO", description="DEBUG (or Triton's VERBOSE), INFO, WARNING or ERROR, in any case"
+    )
     log_format: Literal["text", "json"] = Field(
         "text",
         description="text, or json: one object per line with time, level, logger, message "
@@ -303,6 +307,7 @@ def load(cli: CliSettingsSource[Settings], args: argparse.Namespace) -> Settings
         and name.upper() != CONFIG_ENV
         and name.upper()[len(ENV_PREFIX) :].lower() not in fields
         and not OTHER_ENV.fullmatch(name.upper())
+        and not SERVICE_LINK_PORT.fullmatch(f"{name.upper()}={environ[name]}")
     ]
     if unknown:
         raise SettingsError(f"unknown environment variable(s) {', '.join(sorted(unknown))}")

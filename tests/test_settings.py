@@ -157,6 +157,11 @@ def test_admin_token_and_its_file_are_one_option(tmp_path):
         (("--max-queue-size", "0"), {}, "--max-queue-size '0': input should be greater than"),
         ((), {"FLEETSERVE_RUN_THREADS": "x"}, "FLEETSERVE_RUN_THREADS='x': input should be"),
         ((), {"FLEETSERVE_HTTP_PROT": "1"}, "unknown environment variable(s) FLEETSERVE_HTTP_PROT"),
+        (
+            (),
+            {"FLEETSERVE_HTP_PORT": "9000"},
+            "unknown environment variable(s) FLEETSERVE_HTP_PORT",
+        ),
         ((), {"FLEETSERVE_GRPC_PORT": "tcp://10.0.0.9:8001"}, "Kubernetes service link"),
         (("--admin-token-file", "/no/such/token"), {}, "cannot read admin_token_file /no/such"),
         (("--config", "/no/such.toml"), {}, "config file /no/such.toml: not a file"),
@@ -190,6 +195,7 @@ def test_other_commands_variables_and_kubernetes_service_links_are_not_unknown()
         "FLEETSERVE_SERVICE_HOST": "10.0.0.9",  # a Service named fleetserve
         "FLEETSERVE_SERVICE_PORT_HTTP": "8000",
         "FLEETSERVE_PORT": "tcp://10.0.0.9:8000",
+        "FLEETSERVE_CANARY_PORT": "tcp://10.0.0.10:8000",
         "FLEETSERVE_PORT_8000_TCP_ADDR": "10.0.0.9",
         "FLEETSERVE_CANARY_SERVICE_HOST": "10.0.0.10",  # a Service named fleetserve-canary
         "FLEETSERVE_MODEL_REPOSITORY": "m",
