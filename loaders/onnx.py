@@ -115,6 +115,10 @@ class OnnxLoader(Loader):
     @classmethod
     def warm_up(cls) -> None:
         """onnxruntime's first session costs ~10 MB of one-time set-up: pay it here."""
+        # its failures reach the server as exceptions, logged there once (with the
+        # request id); onnxruntime's own stderr lines would repeat them outside the
+        # server's log format (and break JSON logs)
+        ort.set_default_logger_severity(4)  # FATAL only
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         ort.InferenceSession(_WARM_UP_MODEL, options, providers=["CPUExecutionProvider"])

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from fleetserve.loaders.base import LoadError
 from fleetserve.loaders.registry import loader_class
 from fleetserve.server.cache import ModelCache, checked_config
-from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, Settings, parse_model_config
+from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, parse_model_config
 from fleetserve.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -49,6 +49,7 @@ from fleetserve.server.files import (
 from fleetserve.server.repository import ModelEntry, Repository, Snapshot, check_model_name
 from fleetserve.server.router import Router
 from fleetserve.server.routing import Routing, RoutingStore, if_match, parse_routing
+from fleetserve.server.settings import Settings
 from fleetserve.server.types import ModelId, ModelState
 from fleetserve.server.versions import parse_version
 
@@ -423,7 +424,7 @@ class AdminService:
         return {"name": name, "version": str(number), "bytes": size}
 
     async def _receive(self, body: AsyncIterator[bytes], path: Path) -> int:
-        limit, size = self._settings.max_upload_bytes, 0
+        limit, size = self._settings.max_upload_size, 0
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, lambda: path.parent.mkdir(parents=True))
         f = await loop.run_in_executor(self._executor, open, path, "wb")

@@ -21,7 +21,6 @@ from aiohttp import web
 from fleetserve.loaders.registry import warm_up_all
 from fleetserve.server.admin import AdminService
 from fleetserve.server.cache import ModelCache
-from fleetserve.server.config import Settings
 from fleetserve.server.errors import ServerError
 from fleetserve.server.feedback import FeedbackLog
 from fleetserve.server.grpc_api import GrpcApi
@@ -30,10 +29,15 @@ from fleetserve.server.metrics import Metrics
 from fleetserve.server.repository import Repository
 from fleetserve.server.rest_api import RestApi, metrics_app
 from fleetserve.server.router import Router
+from fleetserve.server.settings import Settings
 from fleetserve.server.sinks import SINKS
 from fleetserve.server.types import ModelId
 
 log = logging.getLogger(__name__)
+
+
+class CannotListen(Exception):
+    """A listener could not have its port (in use, or not allowed)."""
 
 
 async def measure_thread_hop_us(pool: ThreadPoolExecutor, samples: int = 200) -> float:
@@ -101,47 +105,63 @@ class App:
         pinned = await self.admin.restore()
         log.info("model repository %s: %d models", s.model_repository, len(names))
 
-        timeout = s.shutdown_timeout_s
-        rest = RestApi(self.service, s.max_request_bytes, self.admin, s.max_upload_bytes)
+        timeout = s.shutdown_timeout
+        rest = RestApi(
+            self.service, s.max_request_size, self.admin, s.max_upload_size, s.access_log
+        )
         rest_runner = web.ServerRunner(rest.server(access_log=None), shutdown_timeout=timeout)
-        self.http_port = await self._serve_http(rest_runner, s.http_port)
+        self.http_port = await self._serve_http(rest_runner, s.http_port, "REST")
         if s.metrics_port >= 0:
             metrics_runner = web.AppRunner(
                 metrics_app(self.metrics.render), access_log=None, shutdown_timeout=timeout
             )
-            self.metrics_port = await self._serve_http(metrics_runner, s.metrics_port)
+            self.metrics_port = await self._serve_http(metrics_runner, s.metrics_port, "metrics")
         if s.grpc_port >= 0:
             self._grpc = grpc.aio.server(
                 options=[
-                    ("grpc.max_receive_message_length", s.max_request_bytes),
+                    ("grpc.max_receive_message_length", s.max_request_size),
                     ("grpc.max_send_message_length", -1),
                     ("grpc.so_reuseport", 0),
                 ]
             )
-            self._grpc.add_generic_rpc_handlers(GrpcApi(self.service, self.admin).handlers())
-            self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
+            grpc_api = GrpcApi(self.service, self.admin, s.access_log)
+            self._grpc.add_generic_rpc_handlers(grpc_api.handlers())
+            if s.grpc_port:  # grpc's own bind error is vague and logged by grpc-core: ask first
+                self._bind(s.grpc_port, "gRPC").close()
+            try:
+                self.grpc_port = self._grpc.add_insecure_port(f"{_host(s.host)}:{s.grpc_port}")
+            except RuntimeError as exc:
+                raise CannotListen(f"gRPC on {s.host}:{s.grpc_port}: {exc}") from None
             await self._grpc.start()
 
         # pinned versions are kept loaded, across restarts too; --preload loads the rest
         await self._load(pinned + (self._servable_ids(names) if s.preload else []))
-        if s.repository_poll_s > 0:
-            self._poll = asyncio.create_task(self.admin.poll(s.repository_poll_s))
+        if s.repository_poll_secs > 0:
+            self._poll = asyncio.create_task(self.admin.poll(s.repository_poll_secs))
         self.service.ready = True
         log.info(
             "fleetserve ready: http %s:%d grpc %s:%d metrics %s:%d",
             s.host, self.http_port, s.host, self.grpc_port, s.host, self.metrics_port,
         )  # fmt: skip
 
-    async def _serve_http(self, runner: web.BaseRunner, port: int) -> int:
+    async def _serve_http(self, runner: web.BaseRunner, port: int, what: str) -> int:
         await runner.setup()
         self._runners.append(runner)
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.settings.host, port))
+        sock = self._bind(port, what)
         site = web.SockSite(runner, sock, backlog=1024)
         await site.start()
         return sock.getsockname()[1]
+
+    def _bind(self, port: int, what: str) -> socket.socket:
+        host = self.settings.host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise CannotListen(f"{what} port {port} on {host}: {exc.strerror}") from None
+        return sock
 
     def _servable_ids(self, names: list[str]) -> list[ModelId]:
         """Every version a request may reach: within the policy, or routed."""
@@ -171,14 +191,15 @@ class App:
         sink = SINKS[s.feedback_sink]
         log_ = FeedbackLog(
             lambda: sink(s.state_dir, s.feedback_fsync), self.metrics, s.feedback_buffer,
-            s.feedback_flush_s, s.feedback_block, s.feedback_max_age_s, s.feedback_max_bytes,
+            s.feedback_flush_secs, s.feedback_when_full == "block", s.feedback_retention,
+            s.feedback_max_size,
         )  # fmt: skip
         log_.start()
         return log_
 
     async def stop(self) -> None:
         """Graceful stop: refuse new work, finish in-flight requests, free everything."""
-        timeout = self.settings.shutdown_timeout_s
+        timeout = self.settings.shutdown_timeout
         if self.service is not None:
             self.service.ready = False
         if self._poll is not None:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from fleetserve.loaders.base import ESTIMATE_FACTOR, LoadedModel, Loader, LoadError, TensorSig
-from fleetserve.server.config import BatchPolicy, ModelConfig, Settings
+from fleetserve.server.config import BatchPolicy, ModelConfig
 from fleetserve.server.errors import (
     Internal,
     InvalidArgument,
@@ -41,6 +41,7 @@ from fleetserve.server.errors import (
 from fleetserve.server.eviction import POLICIES, Candidate
 from fleetserve.server.metrics import Metrics
 from fleetserve.server.repository import Repository
+from fleetserve.server.settings import Settings
 from fleetserve.server.stats import ModelStats
 from fleetserve.server.types import ModelId, ModelState, TensorSpec, datatype_of
 from fleetserve.server.warmup import warm_up
@@ -499,7 +500,7 @@ class ModelCache:
         servable.draining = True
         if servable.leases:
             try:
-                await asyncio.wait_for(servable.idle.wait(), self._settings.shutdown_timeout_s)
+                await asyncio.wait_for(servable.idle.wait(), self._settings.shutdown_timeout)
             except TimeoutError:
                 log.warning(
                     "freeing %s with %d requests still running", servable.id, servable.leases

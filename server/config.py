@@ -1,4 +1,4 @@
-"""Server settings and per-model configuration (Triton's config.pbtxt).
+"""Per-model configuration (Triton's config.pbtxt).
 
 config.pbtxt is Triton's `ModelConfig` in protobuf text format, so it is parsed with
 protobuf's own text parser and our subset of Triton's message (protos/): a field
@@ -19,69 +19,19 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import text_format
 
 from fleetserve.loaders.base import LoadOptions
 from fleetserve.protos import model_config_pb2
 from fleetserve.server.errors import InvalidArgument
-from fleetserve.server.types import DEFAULT_DATA_DIR, DTYPES, TensorSpec
+from fleetserve.server.types import DTYPES, TensorSpec
+
+if TYPE_CHECKING:
+    from fleetserve.server.settings import Settings
 
 CONFIG_FILENAME = "config.pbtxt"
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Server-wide options; every field has the default the CLI documents."""
-
-    model_repository: Path = Path("models")
-    host: str = "0.0.0.0"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002  # -1 disables the metrics listener
-    max_request_bytes: int = 64 * 1024 * 1024
-    # max_batch_size given to models without config.pbtxt whose tensors all have a
-    # variable first dimension (Triton's autocomplete gives 4; ours serves bigger batches)
-    default_max_batch_size: int = 64
-    load_threads: int = 2
-    run_threads: int = 2
-    # a model runs inline on the event loop when one run is measured faster than this
-    # (the cost of a hop to the run pool and back, measured at startup when None)
-    inline_run_us: float | None = None
-    intra_op_threads: int = 1
-    shutdown_timeout_s: float = 30.0
-    metrics_max_models: int = 100  # models with their own metric labels; the rest are "other"
-    max_loaded_bytes: int = 0  # memory budget for loaded models; 0 = no limit
-    max_loaded_models: int = 0  # 0 = no limit
-    eviction_policy: str = "lru"  # lru | cost (server/eviction.py)
-    preload: bool = False  # load every servable version at startup instead of on first use
-    repository_poll_s: float = 0.0  # rescan the repository this often; 0 = only when asked
-    # batch models that have no config.pbtxt (Triton's auto-complete does the same)
-    dynamic_batching: bool = False
-    # requests a batching model version may queue when its config sets no max_queue_size
-    max_queue_size: int = 1024
-    # the admin API's bearer token; None: admin and repository control are loopback-only
-    admin_token: str | None = field(default=None, repr=False)
-    data_dir: Path | None = (
-        None  # routing state (and later feedback); None: <repository>/.fleetserve
-    )
-    max_upload_bytes: int = 4 * 1024**3  # largest model file the admin API takes
-    # the feedback log: predictions sampled at this rate (a model's config parameter
-    # "feedback_sample_rate" overrides it) go through a bounded buffer to the sink
-    feedback_sink: str = "sqlite"  # sqlite | none
-    feedback_sample_rate: float = 0.0
-    feedback_buffer: int = 10_000  # records
-    feedback_flush_s: float = 0.5
-    feedback_block: bool = False  # a full buffer makes requests wait (at most a flush)
-    feedback_fsync: bool = False  # survive power loss too, not only a killed process
-    feedback_max_age_s: float = 0.0  # retention; 0 = keep
-    feedback_max_bytes: int = 0
-    log_level: str = "INFO"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.data_dir or self.model_repository / DEFAULT_DATA_DIR
 
 
 @dataclass(frozen=True, slots=True)

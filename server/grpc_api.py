@@ -7,6 +7,7 @@ imported next to tritonclient's. One decorator maps every ServerError to a statu
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -19,6 +20,7 @@ import grpc
 from fleetserve.protos import grpc_service_pb2 as pb
 from fleetserve.protos import health_pb2
 from fleetserve.protos import model_config_pb2 as mc
+from fleetserve.server import logs
 from fleetserve.server.admin import AdminService
 from fleetserve.server.errors import (
     ErrorKind,
@@ -81,9 +83,15 @@ def peer_address(peer: str) -> str | None:
 
 
 class GrpcApi:
-    def __init__(self, service: InferenceService, admin: AdminService | None = None) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        admin: AdminService | None = None,  # None: the repository RPCs answer UNIMPLEMENTED
+        access_log: bool = False,
+    ) -> None:
         self._service = service
-        self._admin = admin  # None: the repository RPCs answer UNIMPLEMENTED
+        self._admin = admin
+        self._access_log = access_log
 
     @rpc
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
@@ -129,10 +137,39 @@ class GrpcApi:
             req = decode_infer(request)
         except ServerError as exc:
             self._service.reject(PROTOCOL, exc, started)
+            self._failed(exc, request, started)
             raise
         remaining = context.time_remaining()  # None without a client deadline
         deadline = None if remaining is None else time.monotonic() + remaining
-        return encode_infer(await self._service.infer(req, PROTOCOL, started, deadline))
+        try:
+            response = encode_infer(await self._service.infer(req, PROTOCOL, started, deadline))
+        except ServerError as exc:
+            self._failed(exc, request, started)
+            raise
+        except asyncio.CancelledError:  # the client's deadline passed, or it went away
+            if self._access_log:
+                logs.access(PROTOCOL, request.id or "-", request.model_name,
+                            request.model_version, "CANCELLED", started)  # fmt: skip
+            raise
+        except Exception as exc:
+            error = Internal("internal server error")
+            error.__cause__ = exc
+            self._failed(error, request, started)
+            raise error from exc
+        if self._access_log:  # off by default: then this test is all the hot path pays
+            response.id = response.id or self._service.new_request_id()
+            logs.access(PROTOCOL, response.id, response.model_name, response.model_version,
+                        "OK", started)  # fmt: skip
+        return response
+
+    def _failed(self, exc: ServerError, request: Any, started: float) -> None:
+        """Log a failed infer request with its id."""
+        request_id = request.id or self._service.new_request_id()
+        status = STATUS[exc.kind].name
+        logs.failed(PROTOCOL, request_id, status, exc)
+        if self._access_log:
+            logs.access(PROTOCOL, request_id, request.model_name, request.model_version,
+                        status, started)  # fmt: skip
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: Any

@@ -82,10 +82,10 @@ class InferenceService:
         self._max_shadows = max_shadows
         self._feedback = feedback
         self._max_pending = max_pending
-        # generated request ids: unique per process (64 random bits) + a counter; cheaper
-        # than uuid4 (a syscall each)
+        # generated request ids (feedback, access log, errors): unique per process (64
+        # random bits) + a counter; cheaper than uuid4 (a syscall each)
         prefix, counter = os.urandom(8).hex(), itertools.count(1)
-        self._new_id = lambda: f"{prefix}-{next(counter):x}"
+        self.new_request_id = lambda: f"{prefix}-{next(counter):x}"
         self.ready = False  # set by the app once startup loading is done
 
     # -- inference ----------------------------------------------------------------
@@ -139,7 +139,7 @@ class InferenceService:
             s.stats.record_success(rows, now, now - int(started * 1e9))
             request_id = req.id
             if log_it:
-                request_id = request_id or self._new_id()  # returned, to post feedback with
+                request_id = request_id or self.new_request_id()  # returned, to post feedback with
                 # packed here, on the loop: measured cheaper overall than keeping the
                 # arrays alive until the writer packs them (cache misses, GIL contention)
                 record = PredictionRecord(

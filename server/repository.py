@@ -21,8 +21,9 @@ from pathlib import Path
 
 from fleetserve.loaders.base import Loader
 from fleetserve.loaders.registry import loader_class
-from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, Settings, load_model_config
+from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, load_model_config
 from fleetserve.server.errors import InvalidArgument, NotFound, ServerError
+from fleetserve.server.settings import Settings
 from fleetserve.server.types import ModelId
 from fleetserve.server.versions import servable_versions
 

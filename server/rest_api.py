@@ -11,6 +11,7 @@ dev machine, a fifth of a small model's whole request. The routes are few and fi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
+from fleetserve.server import logs
 from fleetserve.server.admin import AdminService
 from fleetserve.server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
 from fleetserve.server.inference import InferenceService
@@ -117,8 +119,10 @@ class RestApi:
         max_request_bytes: int,
         admin: AdminService | None = None,  # None: no repository or admin routes
         max_upload_bytes: int = 0,
+        access_log: bool = False,
     ) -> None:
         self._service = service
+        self._access_log = access_log
         self._admin = admin
         self._max_bytes = max_request_bytes
         self._max_upload = max_upload_bytes
@@ -193,23 +197,44 @@ class RestApi:
             req = await self._decode(request, name, version)
         except ServerError as exc:
             self._service.reject(PROTOCOL, exc, started)
-            return error_response(exc)
+            return self._failed(exc, "", name, version, started)
         try:
             resp = await self._service.infer(req, PROTOCOL, started)
             payload, header_length = encode_response(
                 resp, binary_default=req.parameters.get("binary_data_output") is True
             )
         except ServerError as exc:
-            return error_response(exc)
-        except Exception:
-            log.exception("unhandled error in infer")
-            return error_response(Internal("internal server error"))
-        headers = {REQUEST_ID_HEADER: resp.id} if resp.id else None
+            return self._failed(exc, req.id, name, version, started)
+        except asyncio.CancelledError:  # the client went away (nginx would say 499)
+            if self._access_log:
+                logs.access(PROTOCOL, req.id or "-", name, version or "", 499, started)
+            raise
+        except Exception as exc:
+            error = Internal("internal server error")
+            error.__cause__ = exc
+            return self._failed(error, req.id, name, version, started)
+        request_id = resp.id
+        if self._access_log:  # off by default: then this test is all the hot path pays
+            request_id = request_id or self._service.new_request_id()
+            logs.access(PROTOCOL, request_id, resp.model_name, resp.model_version, 200, started)
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
         if header_length is None:
             return web.Response(body=payload, content_type=JSON, headers=headers)
         headers = headers or {}
         headers[HEADER_LENGTH] = str(header_length)
         return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
+
+    def _failed(
+        self, exc: ServerError, request_id: str, name: str, version: str | None, started: float
+    ) -> web.Response:
+        """The answer to a failed infer request, which carries (and is logged with) its id."""
+        response = error_response(exc)
+        request_id = request_id or self._service.new_request_id()
+        response.headers[REQUEST_ID_HEADER] = request_id
+        logs.failed(PROTOCOL, request_id, response.status, exc)
+        if self._access_log:
+            logs.access(PROTOCOL, request_id, name, version or "", response.status, started)
+        return response
 
     async def _decode(
         self, request: web.BaseRequest, name: str, version: str | None

@@ -17,7 +17,7 @@ import uvloop
 
 from fleetserve.loaders import testing
 from fleetserve.server.app import App
-from fleetserve.server.config import Settings
+from fleetserve.server.settings import Settings
 
 DATATYPES = list(testing.V2_DATATYPES)
 
@@ -132,8 +132,8 @@ def test_settings(repo: Path, **overrides: object) -> Settings:
         http_port=0,
         grpc_port=0,
         metrics_port=0,
-        max_request_bytes=1024 * 1024,
-        shutdown_timeout_s=10,
+        max_request_size=1024 * 1024,
+        shutdown_timeout=10,
         preload=True,
     )
     base.update(overrides)

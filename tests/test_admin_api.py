@@ -48,7 +48,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[RunningServer]:
     running = start_server(
-        test_settings(repo, preload=False, admin_token=TOKEN, max_upload_bytes=UPLOAD_LIMIT,
+        test_settings(repo, preload=False, admin_token=TOKEN, max_upload_size=UPLOAD_LIMIT,
                       inline_run_us=0.0)
     )  # fmt: skip
     yield running

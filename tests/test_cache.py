@@ -42,7 +42,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetserve.loaders import testing
-from fleetserve.server.cli import build_parser, settings_from_args
+from fleetserve.server import settings
+from fleetserve.server.cli import build_parser
 from fleetserve.server.types import ModelId
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import mlp_input, ort_run
@@ -494,7 +495,7 @@ def test_model_in_use_is_never_evicted(tmp_path, serve, slow_rows_per_second):
     candidate is leased); the running request finishes correctly; afterwards the other
     model loads and evicts the now idle `slow`."""
     slow_and_mlp_repo(tmp_path)
-    srv = serve(tmp_path, max_loaded_models=1, max_request_bytes=64 * MiB)
+    srv = serve(tmp_path, max_loaded_models=1, max_request_size=64 * MiB)
     x_mlp = mlp_input(rows=2, seed=1)
     want_mlp = ort_run(tmp_path, "mlp", 1, {"INPUT0": x_mlp})["OUTPUT0"]
     assert http(f"{srv.http_url}/v2/models/slow").status == 200  # load it
@@ -528,7 +529,7 @@ def test_model_in_use_is_never_evicted(tmp_path, serve, slow_rows_per_second):
 
 def test_no_room_refusal_is_not_remembered_as_a_failed_load(tmp_path, serve, slow_rows_per_second):
     slow_and_mlp_repo(tmp_path)
-    srv = serve(tmp_path, max_loaded_models=1, max_request_bytes=64 * MiB)
+    srv = serve(tmp_path, max_loaded_models=1, max_request_size=64 * MiB)
     x_mlp = mlp_input(rows=2, seed=1)
     assert http(f"{srv.http_url}/v2/models/slow").status == 200
     batch = slow_batch(slow_rows_per_second, 0.25)
@@ -776,18 +777,18 @@ def test_cache_metrics_are_present_and_consistent(tmp_path, serve):
 
 
 def test_cli_parses_the_cache_flags():
-    args = build_parser().parse_args(
-        [
-            "serve", "--model-repository", "models", "--max-loaded-bytes", "4GiB",
-            "--max-loaded-models", "12", "--eviction-policy", "cost", "--preload",
-        ]
-    )  # fmt: skip
-    settings = settings_from_args(args)
-    assert settings.max_loaded_bytes == 4 * 1024**3
-    assert settings.max_loaded_models == 12
-    assert settings.eviction_policy == "cost"
-    assert settings.preload is True
-    defaults = settings_from_args(build_parser().parse_args(["serve", "--model-repository", "m"]))
+    parser, cli = build_parser(["serve"])
+    argv = [
+        "serve", "--model-repository", "models", "--max-loaded-bytes", "4GiB",
+        "--max-loaded-models", "12", "--eviction-policy", "cost", "--preload",
+    ]  # fmt: skip
+    options = settings.load(cli, parser.parse_args(argv))
+    assert options.max_loaded_bytes == 4 * 1024**3
+    assert options.max_loaded_models == 12
+    assert options.eviction_policy == "cost"
+    assert options.preload is True
+    args = parser.parse_args(["serve", "--model-repository", "m"])
+    defaults = settings.load(cli, args)
     assert (defaults.max_loaded_bytes, defaults.max_loaded_models) == (0, 0)
     assert (defaults.eviction_policy, defaults.preload) == ("lru", False)
 

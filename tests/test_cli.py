@@ -1,145 +1,104 @@
-"""The command line: sizes, flags -> Settings, and `python -m fleetserve serve --help`."""
+"""The command line as a user runs it (`python -m fleetserve`, real processes): the
+version, bad options, a busy port, and where options come from."""
 
 from __future__ import annotations
 
-import argparse
-import subprocess
-import sys
+import importlib.metadata
+import json
+import socket
 from pathlib import Path
 
 import pytest
 
-from fleetserve.server.cli import build_parser, parse_size, settings_from_args
-from fleetserve.server.config import Settings
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.mark.parametrize(
-    ("text", "size"),
-    [
-        ("512", 512),
-        ("0", 0),
-        ("512b", 512),
-        ("64MiB", 64 * 1024**2),
-        ("64mib", 64 * 1024**2),
-        ("64MB", 64 * 1000**2),
-        ("64M", 64 * 1000**2),
-        ("1.5GB", 1_500_000_000),
-        ("4gib", 4 * 1024**3),
-        ("4GiB", 4 * 1024**3),
-        ("2KiB", 2048),
-        ("2k", 2000),
-        ("1TiB", 1024**4),
-        (" 8 MiB ", 8 * 1024**2),
-        ("0.5KiB", 512),
-    ],
-)
-def test_parse_size_accepts_human_sizes(text, size):
-    assert parse_size(text) == size
+from fleetserve.loaders import testing
+from fleetserve.server.settings import Settings
+from tests.server_process import Server, environment, run
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["", "MiB", "-1", "-1MiB", "1e6", "1,000", "12 parsecs", "1.5.2GB", "0x10", "4 GiB B", ".5GB"],
-)
-def test_parse_size_rejects_bad_strings(text):
-    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
-        parse_size(text)
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    testing.write_model(root, "mlp", testing.mlp(seed=1))
+    return root
 
 
-def test_bad_size_flag_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args(
-            ["serve", "--model-repository", "m", "--max-request-size", "lots"]
-        )
-    assert exit_.value.code == 2
-    assert "not a size: 'lots'" in capsys.readouterr().err
-
-
-def test_defaults_map_to_default_settings():
-    args = build_parser().parse_args(["serve", "--model-repository", "models"])
-    assert args.command == "serve"
-    assert settings_from_args(args) == Settings(model_repository=Path("models"))
-
-
-def test_every_flag_maps_to_its_setting():
-    args = build_parser().parse_args(
-        [
-            "serve",
-            "--model-repository", "/srv/models",
-            "--host", "127.0.0.1",
-            "--http-port", "9000",
-            "--grpc-port", "9001",
-            "--metrics-port", "-1",
-            "--max-request-size", "8MiB",
-            "--default-max-batch-size", "16",
-            "--dynamic-batching",
-            "--max-queue-size", "77",
-            "--run-threads", "6",
-            "--load-threads", "3",
-            "--intra-op-threads", "2",
-            "--inline-run-us", "12.5",
-            "--shutdown-timeout", "4.5",
-            "--log-level", "debug",
-        ]
-    )  # fmt: skip
-    assert settings_from_args(args) == Settings(
-        model_repository=Path("/srv/models"),
-        host="127.0.0.1",
-        http_port=9000,
-        grpc_port=9001,
-        metrics_port=-1,
-        max_request_bytes=8 * 1024**2,
-        default_max_batch_size=16,
-        dynamic_batching=True,
-        max_queue_size=77,
-        run_threads=6,
-        load_threads=3,
-        intra_op_threads=2,
-        inline_run_us=12.5,
-        shutdown_timeout_s=4.5,
-        log_level="DEBUG",
-        metrics_max_models=Settings().metrics_max_models,
-    )
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        [],
-        ["serve"],
-        ["serve", "--model-repository", "m", "--http-port", "eighty"],
-        ["serve", "--model-repository", "m", "--no-such-flag"],
-        ["launch", "--model-repository", "m"],
-        ["serve", "--model-repository", "m", "--max-queue-size", "0"],
-    ],
-    ids=[
-        "no-command",
-        "no-repository",
-        "bad-int",
-        "unknown-flag",
-        "unknown-command",
-        "unbounded-queue",
-    ],
-)
-def test_bad_command_lines_are_usage_errors(argv, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args(argv)
-    assert exit_.value.code == 2
-    assert "usage: fleetserve" in capsys.readouterr().err
-
-
-def test_serve_help_runs_as_a_module_and_lists_the_flags():
-    result = subprocess.run(
-        [sys.executable, "-m", "fleetserve", "serve", "--help"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_version_is_the_installed_distributions():
+    result = run("--version")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: fleetserve serve")
-    for flag in ("--model-repository", "--http-port", "--grpc-port", "--shutdown-timeout"):
-        assert flag in result.stdout
-    assert result.stderr == ""
+    assert result.stdout == f"fleetserve {importlib.metadata.version('fleetserve')}\n"
+
+
+def test_serve_help_lists_every_option_with_its_variable():
+    result = run("serve", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fleetserve serve") and result.stderr == ""
+    for key in Settings.model_fields:
+        if key != "admin_token":  # the token itself is never a flag
+            assert f"--{key.replace('_', '-')}" in result.stdout
+        assert f"FLEETSERVE_{key.upper()}" in result.stdout
+
+
+BAD = [
+    ([], {}, "", "fleetserve: error: the following arguments are required: command"),
+    (["launch"], {}, "", "invalid choice: 'launch'"),
+    (["serve"], {}, "", "--model-repository is required"),
+    (["serve", "-m", "."], {}, "", "unrecognized arguments: -m"),
+    (["serve", "--model-repository", ".", "--log-level", "loud"], {}, "",
+     "--log-level 'loud': input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
+    (["serve", "--model-repository", ".", "--http-port", "eighty"], {}, "",
+     "--http-port 'eighty': input should be a valid integer"),
+    (["serve", "--model-repository", "."], {"FLEETSERVE_MAX_LOADED_BYTE": "4GiB"}, "",
+     "unknown environment variable(s) FLEETSERVE_MAX_LOADED_BYTE"),
+    (["serve"], {"FLEETSERVE_MODEL_REPOSITORY": ".", "FLEETSERVE_PRELOAD": "maybe"}, "",
+     "FLEETSERVE_PRELOAD='maybe': input should be a valid boolean"),
+    (["serve"], {}, 'model_repository = "."\nmax_loaded_byte = "4GiB"\n',
+     "max_loaded_byte: unknown key"),
+    (["serve"], {}, 'model_repository = "."\nmax_loaded_bytes = "4 parsecs"\n',
+     "max_loaded_bytes = '4 parsecs': could not interpret byte unit: parsecs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "env", "config", "message"), BAD)
+def test_a_bad_option_is_one_line_and_exit_2(argv, env, config, message, tmp_path):
+    if config:
+        (tmp_path / "fleetserve.toml").write_text(config)
+        argv = [*argv, "--config", str(tmp_path / "fleetserve.toml")]
+    result = run(*argv, env=environment(**env))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("listener", ["http", "grpc", "metrics"])
+def test_a_busy_port_is_one_line_naming_it_and_exit_1(listener, repo):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        ports = {"http": "0", "grpc": "0", "metrics": "0", listener: str(port)}
+        argv = [f"--{name}-port={value}" for name, value in ports.items()]
+        with Server("--model-repository", str(repo), "--host", "127.0.0.1", *argv) as server:
+            code = server.wait()
+    assert code == 1, server.lines
+    errors = [line for line in server.lines if "ERROR" in line or line.startswith("E")]
+    assert len(errors) == 1, server.lines
+    assert f"port {port} on 127.0.0.1: Address already in use" in errors[0]
+    assert not any("Traceback" in line for line in server.lines)
+
+
+def test_flag_beats_env_beats_file_beats_default_in_a_server(repo, tmp_path):
+    config = tmp_path / "fleetserve.toml"
+    config.write_text(
+        f'model_repository = "{repo}"\nhost = "127.0.0.1"\n'
+        'http_port = 1\ngrpc_port = 1\nmetrics_port = -1\nlog_format = "json"\n'
+    )
+    env = environment(
+        FLEETSERVE_CONFIG=str(config),
+        FLEETSERVE_HTTP_PORT="0",  # beats the file's 1
+        FLEETSERVE_GRPC_PORT="2",  # loses to the flag
+    )
+    with Server("--grpc-port", "-1", env=env) as server:
+        http_port, grpc_port, metrics_port = server.wait_ready()
+    assert http_port not in (0, 1) and (grpc_port, metrics_port) == (0, 0), server.lines
+    ready = next(json.loads(line) for line in server.lines if "fleetserve ready" in line)
+    assert ready["message"].startswith("fleetserve ready: http 127.0.0.1:")  # file's host

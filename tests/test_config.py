@@ -19,13 +19,13 @@ from fleetserve.server.config import (
     SUPPORTED_FIELDS,
     BatchPolicy,
     ModelConfig,
-    Settings,
     VersionPolicy,
     load_model_config,
     parse_model_config,
 )
 from fleetserve.server.errors import InvalidArgument, NotFound
 from fleetserve.server.repository import Repository, check_model_name
+from fleetserve.server.settings import Settings
 from fleetserve.server.types import ModelId, TensorSpec
 from fleetserve.server.versions import parse_version, servable_versions
 
@@ -404,7 +404,9 @@ def test_load_model_config_with_non_utf8_file_is_invalid_argument(tmp_path):
 
 
 def test_load_options_use_triton_onnxruntime_parameters():
-    options = parse(FULL_CONFIG, "resnet").load_options(Settings(intra_op_threads=1))
+    options = parse(FULL_CONFIG, "resnet").load_options(
+        Settings(model_repository=Path("m"), intra_op_threads=1)
+    )
     assert options.intra_op_threads == 3
     assert options.inter_op_threads == 2
     assert options.graph_optimization_level == "extended"
@@ -413,7 +415,9 @@ def test_load_options_use_triton_onnxruntime_parameters():
 
 
 def test_load_options_default_to_server_settings():
-    options = ModelConfig(name="m").load_options(Settings(intra_op_threads=4))
+    options = ModelConfig(name="m").load_options(
+        Settings(model_repository=Path("m"), intra_op_threads=4)
+    )
     assert options.intra_op_threads == 4
     assert options.inter_op_threads == 1
     assert options.graph_optimization_level == "all"
@@ -423,7 +427,9 @@ def test_load_options_default_to_server_settings():
 @pytest.mark.parametrize(("level", "name"), [(-1, "basic"), (0, "all"), (1, "extended")])
 def test_graph_level_maps_to_onnxruntime_level(level, name):
     config = parse(f"optimization {{ graph {{ level: {level} }} }}")
-    assert config.load_options(Settings()).graph_optimization_level == name
+    assert (
+        config.load_options(Settings(model_repository=Path("m"))).graph_optimization_level == name
+    )
 
 
 def test_graph_optimization_level_parameter_overrides_graph_level():
@@ -431,12 +437,15 @@ def test_graph_optimization_level_parameter_overrides_graph_level():
         "optimization { graph { level: 1 } }\n"
         'parameters { key: "graph_optimization_level" value: { string_value: "disable" } }'
     )
-    assert parse(text).load_options(Settings()).graph_optimization_level == "disable"
+    assert (
+        parse(text).load_options(Settings(model_repository=Path("m"))).graph_optimization_level
+        == "disable"
+    )
 
 
 def test_kind_gpu_puts_cuda_first_with_cpu_fallback():
     config = parse("instance_group [ { count: 1 kind: KIND_GPU } ]")
-    assert config.load_options(Settings()).execution_providers == (
+    assert config.load_options(Settings(model_repository=Path("m"))).execution_providers == (
         "CUDAExecutionProvider",
         "CPUExecutionProvider",
     )
@@ -742,7 +751,7 @@ def test_loader_points_at_the_version_file_with_config_options(tmp_path):
         'parameters { key: "intra_op_thread_count" value: { string_value: "2" } }',
         "m",
     )
-    loader = repo.loader(ModelId("m", 2), config, Settings())
+    loader = repo.loader(ModelId("m", 2), config, Settings(model_repository=Path("m")))
     assert isinstance(loader, OnnxLoader)
     assert loader.path == tmp_path / "m" / "2" / "net.onnx"
     assert loader.options.intra_op_threads == 2

@@ -53,7 +53,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     data = tmp_path_factory.mktemp("feedback_data")
-    running = start_server(test_settings(repo, preload=False, data_dir=data, feedback_flush_s=0.05))
+    running = start_server(
+        test_settings(repo, preload=False, data_dir=data, feedback_flush_secs=0.05)
+    )
     yield running
     stop_server(running)
 
@@ -237,7 +239,8 @@ def test_a_stalled_sink_drops_what_does_not_fit_and_serving_goes_on(
     StalledSink.release.clear()
     running = start_server(
         test_settings(repo, preload=False, data_dir=tmp_path, feedback_sink="stalled",
-                      feedback_buffer=5, feedback_flush_s=0.02, feedback_block=block)
+                      feedback_buffer=5, feedback_flush_secs=0.02,
+                      feedback_when_full="block" if block else "drop")
     )  # fmt: skip
     try:
         for seed in range(30):
@@ -357,7 +360,7 @@ def test_a_small_buffer_wakes_the_writer_before_the_flush_interval(
 ) -> None:
     running = start_server(
         test_settings(repo, preload=False, data_dir=tmp_path, feedback_buffer=4,
-                      feedback_flush_s=3600.0)
+                      feedback_flush_secs=3600.0)
     )  # fmt: skip
     try:
         for i in range(2):
@@ -372,7 +375,7 @@ def test_a_stop_is_bounded_even_when_the_sink_hangs(repo: Path, tmp_path: Path) 
     StalledSink.release.clear()
     running = start_server(
         test_settings(repo, preload=False, data_dir=tmp_path, feedback_sink="stalled",
-                      feedback_flush_s=0.01, shutdown_timeout_s=1)
+                      feedback_flush_secs=0.01, shutdown_timeout=1)
     )  # fmt: skip
     try:
         for i in range(5):
@@ -400,7 +403,7 @@ def test_a_shadow_copy_is_logged_as_its_request_asked(repo: Path, tmp_path: Path
     for v in (1, 2):
         testing.write_model(root, "canary", testing.mlp(seed=v), version=v, config=LOGGED)
     running = start_server(test_settings(root, preload=False, data_dir=tmp_path / "data",
-                                         feedback_flush_s=0.02))  # fmt: skip
+                                         feedback_flush_secs=0.02))  # fmt: skip
     try:
         shadow = {"shadow": {"version": 1, "fraction": 1.0}}
         url = f"{running.http_url}/v2/admin/models/canary/routing"

@@ -422,7 +422,7 @@ def bytes_tensor(element_size: int) -> np.ndarray:
 def test_message_over_the_size_limit_is_resource_exhausted(
     channel: grpc.Channel, repo: Path
 ) -> None:
-    """conftest sets max_request_bytes to 1 MiB, which bounds gRPC messages too."""
+    """conftest sets max_request_size to 1 MiB, which bounds gRPC messages too."""
     over = bytes_tensor(4200)  # 1,076,224 bytes of raw contents
     error = infer_failure(channel, request_of("identity_bytes", {"INPUT0": ("BYTES", over)}))
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

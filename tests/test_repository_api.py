@@ -32,10 +32,10 @@ from tritonclient.utils import InferenceServerException
 from fleetserve.loaders import testing
 from fleetserve.protos import grpc_service_pb2 as pb
 from fleetserve.server.admin import AdminService, is_loopback
-from fleetserve.server.config import Settings
 from fleetserve.server.grpc_api import GrpcApi, peer_address
 from fleetserve.server.repository import Repository
 from fleetserve.server.rest_api import RestApi
+from fleetserve.server.settings import Settings
 from fleetserve.server.types import ModelId
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import mlp_input, ort_run
@@ -415,7 +415,7 @@ def test_model_added_after_startup_is_found_by_index_and_load(client: Client, re
 def test_poll_finds_a_new_model_directory_by_itself(
     serve: Callable[..., RunningServer], repo: Path
 ) -> None:
-    server = serve(repository_poll_s=0.2)
+    server = serve(repository_poll_secs=0.2)
     with httpclient.InferenceServerClient(server.http) as c:
         assert not c.is_model_ready("polled")
         testing.write_model(repo, "polled", testing.fixed_shape((2,), factor=3.0))
@@ -573,7 +573,9 @@ def test_grpc_peer_address(peer: str, address: str | None) -> None:
 def refusing_admin() -> AdminService:
     """An AdminService whose every use fails the test: a refused call must not reach it."""
     nothing = mock.NonCallableMock
-    return AdminService(nothing(), nothing(), nothing(), Settings(), nothing(), nothing())
+    return AdminService(
+        nothing(), nothing(), nothing(), Settings(model_repository=Path("m")), nothing(), nothing()
+    )
 
 
 @pytest.mark.parametrize(
