@@ -80,6 +80,7 @@ class Point:
     perf_analyzer_cpu_pct: float = 0.0
     other_pct: float = 0.0  # the rest of the machine's busy time: someone else's work
     seconds: float = 0.0
+    tries: int = 0
     error: str = ""
 
 
@@ -99,6 +100,8 @@ def children_cpu_seconds() -> float:
 
 def run_point(server: Server, point: Point, timeout: float) -> None:
     """Run one perf_analyzer; fill the point's figures (or its error) and CPU shares."""
+    point.tries += 1
+    point.error = ""
     busy0, srv0 = machine_cpu_seconds()[0], tree_cpu_seconds(server.proc.pid)
     pa0, t0 = children_cpu_seconds(), time.monotonic()
     try:
@@ -205,6 +208,7 @@ def main() -> int:
     ap.add_argument("--stability-percentage", type=int, default=20, help="(-s)")
     ap.add_argument("--pa-args", default="", help="more perf_analyzer flags, e.g. --async")
     ap.add_argument("--fleetserve-args", default="", help="more `fleetserve serve` flags")
+    ap.add_argument("--retries", type=int, default=1, help="more tries for a failed point")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per perf_analyzer run")
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"), help="'' to append nowhere")
     ap.add_argument("--note", default="", help="a line for the results, e.g. machine load")
@@ -253,6 +257,9 @@ def main() -> int:
                         point = Point(protocol, name, args.batch_size, conc, command)
                         log(f"{protocol} {name} -b {args.batch_size} c={conc} ...")
                         run_point(server, point, args.timeout)
+                        while point.error and point.tries <= args.retries and server.alive():
+                            log(f"  {point.error}: again")
+                            run_point(server, point, args.timeout)
                         if not server.alive():
                             point.error = f"the server died:\n{server.log_tail()}"
                         points.append(point)
