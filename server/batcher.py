@@ -63,7 +63,9 @@ def run_error(model: str, exc: BaseException) -> ServerError:
 
 
 class _Request:
-    __slots__ = ("deadline", "future", "inputs", "key", "names", "queued_at", "rows", "timer")
+    __slots__ = (
+        "deadline", "future", "inputs", "key", "names", "queued_at", "rows", "timer", "waited_ns",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class _Request:
         self.key = (tuple((n, a.shape[1:]) for n, a in shapes), names and tuple(names))
         self.deadline = deadline  # monotonic; the client stops waiting then
         self.queued_at = time.monotonic()
+        self.waited_ns = 0  # from queued_at to the start of its batch
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -192,7 +195,7 @@ class Batcher:
         except Exception as exc:
             raise run_error(self._id, exc) from None
         ns = time.perf_counter_ns() - t0
-        self._stats.record_queue(0)
+        self._stats.record_request(0, 0, ns, 0)
         self._stats.record_execution(rows, 0, ns, 0)
         metrics, labels = self._metrics, self._labels
         metrics.queue_seconds.observe(labels, 0.0)
@@ -319,7 +322,7 @@ class Batcher:
             if req.timer is not None:
                 req.timer.cancel()
             waited = now - req.queued_at
-            self._stats.record_queue(int(waited * 1e9))
+            req.waited_ns = int(waited * 1e9)  # counted in the statistics if it succeeds
             self._metrics.queue_seconds.observe(self._labels, waited)
             rows += req.rows
         self.running += 1
@@ -404,6 +407,7 @@ class Batcher:
             if isinstance(result, BaseException):
                 req.future.set_exception(run_error(self._id, result))
             else:
+                self._stats.record_request(req.waited_ns, input_ns, infer_ns, output_ns)
                 req.future.set_result(result)
         if reschedule:
             self._schedule()

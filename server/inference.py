@@ -122,12 +122,14 @@ class InferenceService:
                     t1 = time.perf_counter_ns()
                     if s.inline and rows * s.run_us < self._inline_run_us:
                         outputs = s.model.run(req.inputs, names)
+                        t2, t3 = t1, time.perf_counter_ns()  # ran at once: waited 0
                     else:
                         if timeout:
                             limit = time.monotonic() + timeout
                             deadline = min(deadline, limit) if deadline else limit
-                        outputs = await self._run_in_pool(s, req.inputs, names, deadline)
-                    s.stats.record_execution(rows, t1 - t0, time.perf_counter_ns() - t1, 0)
+                        outputs, t2, t3 = await self._run_in_pool(s, req.inputs, names, deadline)
+                    s.stats.record_execution(rows, t1 - t0, t3 - t2, 0)
+                    s.stats.record_request(t2 - t1, t1 - t0, t3 - t2, 0)
             except Exception as exc:
                 s.stats.record_failure(time.perf_counter_ns() - t0)
                 error = run_error(str(s.id), exc)
@@ -219,8 +221,10 @@ class InferenceService:
 
     async def _run_in_pool(
         self, s: Servable, inputs: dict, names: list[str] | None, deadline: float | None
-    ) -> dict:
-        """Run in the pool; a cancelled caller leaves the model leased until the run ends.
+    ) -> tuple[dict, int, int]:
+        """Run in the pool: the outputs, when the run started and ended (perf_counter_ns;
+        before it started, the request waited for a thread). A cancelled caller leaves
+        the model leased until the run ends.
 
         A version that does not batch has no queue of its own, but its requests waiting
         for a run thread are bounded as a batching queue is: past `max_pending` the
@@ -381,11 +385,15 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     return value / 1e6 or None
 
 
-def _run_before(deadline: float | None, run: Any, inputs: dict, names: list[str] | None) -> dict:
-    """Run unless the request's deadline passed while it waited for a thread (in the pool)."""
+def _run_before(
+    deadline: float | None, run: Any, inputs: dict, names: list[str] | None
+) -> tuple[dict, int, int]:
+    """Run unless the request's deadline passed while it waited for a thread (in the pool);
+    the outputs, and when the run started and ended."""
+    started = time.perf_counter_ns()
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("the request's deadline passed before it ran")
-    return run(inputs, names)
+    return run(inputs, names), started, time.perf_counter_ns()
 
 
 def _output_names(s: Servable, requested: list[RequestedOutput]) -> list[str]:

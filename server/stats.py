@@ -1,7 +1,12 @@
 """Per-version inference statistics in the shape of Triton's statistics extension.
 
-Flat integer counters, updated on the event loop only (no locks), a call or two per
+Flat integer counters, updated on the event loop only (no locks), a few calls per
 request: this runs on the hot path. The nested Triton shape is built only when asked.
+
+The meanings are Triton's, which its tools rely on: `success`, `queue` and the
+`compute_*` durations count successful requests (perf_analyzer, without a version,
+measures the version whose queue count grew), each request of a merged batch carrying
+the batch's whole compute times; `execution_count` and `batch_stats` count model runs.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ class ModelStats:
 
     __slots__ = (
         "batches",
+        "compute_infer_ns",
+        "compute_input_ns",
+        "compute_output_ns",
         "execution_count",
         "fail_count",
         "fail_ns",
         "inference_count",
         "last_inference_ns",
-        "queue_count",
         "queue_ns",
         "success_count",
         "success_ns",
@@ -35,7 +42,9 @@ class ModelStats:
         self.last_inference_ns = 0  # perf_counter_ns of the last inference (0 = none)
         self.success_count = self.success_ns = 0
         self.fail_count = self.fail_ns = 0
-        self.queue_count = self.queue_ns = 0
+        # summed over successful requests (their count is success_count, as in Triton)
+        self.queue_ns = 0
+        self.compute_input_ns = self.compute_infer_ns = self.compute_output_ns = 0
         self.batches: dict[int, list[int]] = {}  # batch size -> row (see _COUNT...)
 
     def record_success(self, rows: int, now_ns: int, total_ns: int) -> None:
@@ -45,10 +54,13 @@ class ModelStats:
         self.success_count += 1
         self.success_ns += total_ns
 
-    def record_queue(self, queued_ns: int) -> None:
-        """One request left a batching queue after `queued_ns`."""
-        self.queue_count += 1
-        self.queue_ns += queued_ns
+    def record_request(self, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One request's run succeeded: how long it waited for the run (0 when it ran at
+        once) and the run's compute times. Followed by `record_success` for the request."""
+        self.queue_ns += queue_ns
+        self.compute_input_ns += input_ns
+        self.compute_infer_ns += infer_ns
+        self.compute_output_ns += output_ns
 
     def record_execution(
         self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int
@@ -81,8 +93,7 @@ class ModelStats:
         def duration(count: int, ns: int) -> dict[str, int]:
             return {"count": count, "ns": ns}
 
-        rows = self.batches.values()
-        runs = sum(r[_COUNT] for r in rows)
+        ok = self.success_count
         return {
             "name": name,
             "version": version,
@@ -92,10 +103,10 @@ class ModelStats:
             "inference_stats": {
                 "success": duration(self.success_count, self.success_ns),
                 "fail": duration(self.fail_count, self.fail_ns),
-                "queue": duration(self.queue_count, self.queue_ns),
-                "compute_input": duration(runs, sum(r[_INPUT] for r in rows)),
-                "compute_infer": duration(runs, sum(r[_INFER] for r in rows)),
-                "compute_output": duration(runs, sum(r[_OUTPUT] for r in rows)),
+                "queue": duration(ok, self.queue_ns),
+                "compute_input": duration(ok, self.compute_input_ns),
+                "compute_infer": duration(ok, self.compute_infer_ns),
+                "compute_output": duration(ok, self.compute_output_ns),
                 "cache_hit": duration(0, 0),
                 "cache_miss": duration(0, 0),
             },

@@ -111,11 +111,6 @@ class TritonMetrics:
     def _values(self, s: Servable) -> tuple:
         """One version's values, in the order of FAMILIES (durations in whole us)."""
         st = s.stats
-        input_ns = infer_ns = output_ns = 0
-        for _, i, f, o in st.batches.values():  # per batch size: count, input, infer, output
-            input_ns += i
-            infer_ns += f
-            output_ns += o
         rejected, backend = self._failures.get(s, (0, 0))
         other = max(0, st.fail_count - rejected - backend)
         pending = s.batcher.depth if s.batcher is not None else s.pending
@@ -126,9 +121,9 @@ class TritonMetrics:
             st.execution_count,
             st.success_ns // 1000,
             st.queue_ns // 1000,
-            input_ns // 1000,
-            infer_ns // 1000,
-            output_ns // 1000,
+            st.compute_input_ns // 1000,
+            st.compute_infer_ns // 1000,
+            st.compute_output_ns // 1000,
             pending,
             repr(s.load_seconds),
         )
