@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fleetserve import __version__
 from fleetserve.server.batcher import Batcher, run_error
 from fleetserve.server.cache import ModelCache, Servable
 from fleetserve.server.errors import (
@@ -48,7 +49,6 @@ from fleetserve.server.types import (
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "fleetserve"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = (
     "binary_tensor_data",
     "model_configuration",
@@ -272,7 +272,7 @@ class InferenceService:
     # -- health and metadata --------------------------------------------------------
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
     def model_ready(self, name: str, version: str | None) -> bool:
         """Ready = servable: within the version policy, and loaded or loadable.

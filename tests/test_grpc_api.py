@@ -9,6 +9,7 @@ names, so methods are called by path on a plain channel.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -506,7 +507,7 @@ def test_model_ready_for_unknown_model_is_false_as_in_triton(channel: grpc.Chann
 def test_server_metadata(channel: grpc.Channel) -> None:
     meta = call(channel, "ServerMetadata", pb.ServerMetadataRequest(), pb.ServerMetadataResponse)
     assert meta.name == "fleetserve"
-    assert meta.version == "0.1.0"
+    assert meta.version == importlib.metadata.version("fleetserve")
     assert list(meta.extensions) == [
         "binary_tensor_data",
         "model_configuration",

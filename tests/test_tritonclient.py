@@ -7,6 +7,7 @@ checks results against onnxruntime run directly on the same model file with the 
 
 from __future__ import annotations
 
+import importlib.metadata
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_server_metadata_names_fleetserve_and_its_extensions(triton: Triton) -> 
     else:
         name, version, extensions = meta.name, meta.version, list(meta.extensions)
     assert name == "fleetserve"
-    assert version == "0.1.0"
+    assert version == importlib.metadata.version("fleetserve")  # the installed release
     assert {"binary_tensor_data", "model_configuration", "statistics"} <= set(extensions)
 
 
