@@ -14,10 +14,7 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.metadata import distributions
 from pathlib import Path
 
@@ -31,10 +28,10 @@ from packaging.version import Version
 
 from fleetserve.loaders import testing
 from tests.helpers import mlp_input, ort_run
+from tests.server_process import Server, environment
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GENCODE_LINE = re.compile(r"^# Protobuf Python Version: (\S+)$", re.MULTILINE)
-READY_LINE = re.compile(r"fleetserve ready: http \S+:(\d+) grpc \S+:(\d+)")
 
 # Run under the protobuf being tested, with every warning an error.
 IMPORT_AND_ROUND_TRIP = """
@@ -128,53 +125,16 @@ def test_stubs_import_without_warnings_and_round_trip(protobuf_dir: Path) -> Non
     )
 
 
-@contextmanager
-def serving(repo: Path, env: dict[str, str]) -> Iterator[tuple[str, str, list[str]]]:
-    """A `python -m fleetserve serve` process: its HTTP and gRPC addresses and its log lines."""
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "fleetserve", "serve", "--model-repository", str(repo),
-            "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "-1",
-        ],
-        env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    lines: list[str] = []
-    ports: list[tuple[int, int]] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            match = READY_LINE.search(line)
-            if match and not ports:
-                ports.append((int(match[1]), int(match[2])))
-                ready.set()
-        ready.set()  # the process ended before it was ready
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert ready.wait(60) and ports, "server not ready within 60 s:\n" + "".join(lines)
-        http_port, grpc_port = ports[0]
-        yield f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", lines
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        reader.join(10)
-
-
 def test_server_answers_tritonclient_over_http_and_grpc(protobuf_dir: Path, tmp_path: Path) -> None:
     testing.write_model(tmp_path, "mlp", testing.mlp(seed=1))
     x = mlp_input(rows=2)
     expected = ort_run(tmp_path, "mlp", 1, {"INPUT0": x})["OUTPUT0"]
-    with serving(tmp_path, env_with(protobuf_dir)) as (http, grpc, lines):
-        for mod, address in ((httpclient, http), (grpcclient, grpc)):
+    args = ("--model-repository", str(tmp_path), "--host", "127.0.0.1", "--http-port", "0",
+            "--grpc-port", "0", "--metrics-port", "-1")  # fmt: skip
+    with Server(*args, env=environment(**env_with(protobuf_dir))) as server:
+        http_port, grpc_port, _ = server.wait_ready()
+        for mod, port in ((httpclient, http_port), (grpcclient, grpc_port)):
+            address = f"127.0.0.1:{port}"
             client = mod.InferenceServerClient(address)
             try:
                 tensor = mod.InferInput("INPUT0", list(x.shape), "FP32")
@@ -186,5 +146,5 @@ def test_server_answers_tritonclient_over_http_and_grpc(protobuf_dir: Path, tmp_
             name = config["name"] if mod is httpclient else config.config.name
             assert name == "mlp"
             np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), expected)
-    log = "".join(lines)
+    log = "\n".join(server.lines)
     assert "Traceback" not in log and "gencode" not in log.lower(), log
