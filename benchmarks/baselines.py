@@ -116,8 +116,10 @@ def serve_rest(sess: Any, host: str, port: int) -> None:
     import uvloop
     from aiohttp import web
 
-    uvloop.install()
-    web.run_app(build_rest_app(sess), host=host, port=port, access_log=None, print=None)
+    web.run_app(
+        build_rest_app(sess), host=host, port=port, access_log=None, print=None,
+        loop=uvloop.new_event_loop(),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseline rest serving on {args.host}:{args.port}", file=sys.stderr, flush=True)
         serve_rest(sess, args.host, args.port)
     else:
+        run = asyncio.run
         if args.uvloop:
             import uvloop
 
-            uvloop.install()
-        asyncio.run(serve_grpc(sess, args.host, args.port))
+            run = uvloop.run
+        run(serve_grpc(sess, args.host, args.port))
     return 0
 
 

@@ -653,10 +653,11 @@ def builtin_main(argv: list[str]) -> int:
     ap.add_argument("--duration", type=float, required=True)
     ap.add_argument("--server-pid", type=int, help="account this process tree's CPU too")
     a = ap.parse_args(argv)
+    run = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
 
-        uvloop.install()
+        run = uvloop.run
     body = Path(a.body).read_bytes()
     fn = _gen_rest if a.protocol == "rest" else _gen_grpc
     # The CPU windows open after start-up and imports, when the load starts; connecting takes
@@ -664,7 +665,7 @@ def builtin_main(argv: list[str]) -> int:
     cpu0, busy0, steal0 = _self_cpu(), *machine_cpu_seconds()
     srv0 = tree_cpu_seconds(a.server_pid) if a.server_pid else 0.0
     t0 = time.perf_counter()
-    lat, errors, elapsed = asyncio.run(fn(a, body))
+    lat, errors, elapsed = run(fn(a, body))
     window = time.perf_counter() - t0
     cpu = _self_cpu() - cpu0
     srv = tree_cpu_seconds(a.server_pid) - srv0 if a.server_pid else 0.0

@@ -18,10 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from aiohttp import web
 
+from fleetserve import __version__
 from fleetserve.loaders.registry import warm_up_all
 from fleetserve.server.admin import AdminService
 from fleetserve.server.cache import ModelCache
 from fleetserve.server.errors import ServerError
+from fleetserve.server.event_loop import describe
 from fleetserve.server.feedback import FeedbackLog
 from fleetserve.server.grpc_api import GrpcApi
 from fleetserve.server.inference import InferenceService
@@ -75,6 +77,9 @@ class App:
 
     async def start(self) -> None:
         s = self.settings
+        loop, loop_version = describe(asyncio.get_running_loop())
+        log.info("fleetserve %s on event loop %s %s", __version__, loop, loop_version)
+        self.metrics.build_info(__version__, loop, loop_version)
         inline_us = s.inline_run_us
         if inline_us is None:
             inline_us = await measure_thread_hop_us(self.run_pool)

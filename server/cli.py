@@ -10,12 +10,11 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import uvloop
-
 from fleetserve import __version__
 from fleetserve.server import logs
 from fleetserve.server.admin_client import add_admin_parser, run_admin
 from fleetserve.server.errors import ServerError
+from fleetserve.server.event_loop import LoopUnavailable, runner
 from fleetserve.server.feedback_export import add_feedback_parser, run_feedback
 
 if TYPE_CHECKING:
@@ -91,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         if not options.model_repository.is_dir():
             log.error("model repository %s is not a directory", options.model_repository)
             return 2
-        uvloop.run(serve(options))
+        runner(options.event_loop)(serve(options))
+    except LoopUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     except CannotListen as exc:  # a busy port: say which, plainly
         log.error("cannot start: %s", exc)
         return 1

@@ -24,6 +24,7 @@ from prometheus_client import (
     Gauge,
     GCCollector,
     Histogram,
+    Info,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
@@ -247,6 +248,13 @@ class Metrics:
         self.evictions = Counter(
             "fleetserve_model_evictions", "Idle versions unloaded to make room", registry=r
         )
+
+    def build_info(self, version: str, event_loop: str, event_loop_version: str) -> None:
+        """fleetserve_build_info: which release and event loop serve, so benchmark
+        results and dashboards can be traced to them."""
+        Info("fleetserve_build", "fleetserve release and the event loop serving",
+             registry=self.registry).info({"version": version, "event_loop": event_loop,
+                                           "event_loop_version": event_loop_version})  # fmt: skip
 
     def feedback_depth(self, read: Callable[[], float]) -> None:
         """Export the feedback buffer's depth (read at scrape time)."""

@@ -236,6 +236,11 @@ class Settings(BaseSettings):
     metrics_max_models: int = Field(
         100, ge=0, description="models with metric labels of their own; later ones share other"
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="asyncio event loop: uvloop (auto: when installed, as it is on Linux and "
+        "macOS) or asyncio's own",
+    )
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_log_level)
     ] = Field(
