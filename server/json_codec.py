@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 
 from fleetserve.server.errors import InvalidArgument
-from fleetserve.server.tensors import array_from_bytes, byte_elements, bytes_of
+from fleetserve.server.tensors import array_from_bytes, byte_elements, bytes_of, check_shape
 from fleetserve.server.types import (
     DTYPES,
     FeedbackRecord,
@@ -165,10 +165,11 @@ def _tensor_header(item: Any, what: str) -> tuple[str, str, list[int], dict]:
     if type(shape) is not list:
         raise InvalidArgument(f"{what} {name!r}: 'shape' must be a list of non-negative integers")
     for d in shape:
-        if type(d) is not int or not 0 <= d < 2**31:
+        if type(d) is not int:
             raise InvalidArgument(
                 f"{what} {name!r}: 'shape' must be a list of non-negative integers"
             )
+    check_shape(what, name, datatype, shape)
     params = item.get("parameters")
     return (
         name,

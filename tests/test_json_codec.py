@@ -12,7 +12,12 @@ import orjson
 import pytest
 
 from fleetserve.server.errors import ErrorKind, InvalidArgument
-from fleetserve.server.json_codec import decode_request, encode_response, error_body
+from fleetserve.server.json_codec import (
+    decode_feedback,
+    decode_request,
+    encode_response,
+    error_body,
+)
 from fleetserve.server.tensors import array_from_bytes, bytes_of
 from fleetserve.server.types import DTYPES, InferResponse, RequestedOutput
 
@@ -157,9 +162,9 @@ def test_bad_json_data_is_invalid_argument(data, match):
         ({"inputs": [{**X1, "datatype": "fp32"}]}, "unknown datatype 'fp32'"),
         ({"inputs": [{**X1, "datatype": "BF16"}]}, "unknown datatype 'BF16'"),
         ({"inputs": [{**X1, "shape": [True]}]}, "'shape'"),
-        ({"inputs": [{**X1, "shape": [-1]}]}, "'shape'"),
+        ({"inputs": [{**X1, "shape": [-1]}]}, "negative dimension"),
         ({"inputs": [{**X1, "shape": "1"}]}, "'shape'"),
-        ({"inputs": [{**X1, "shape": [2**31]}]}, "'shape'"),
+        ({"inputs": [{**X1, "shape": [2**31]}]}, "needs 2147483648 elements"),
         ({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1]}]},
          "neither 'data' nor binary_data_size"),
         ({"inputs": [X1, X1]}, "'X' appears twice"),
@@ -518,3 +523,45 @@ def test_decode_then_encode_round_trips_binary_bytes():
 
 def test_error_body_is_the_protocol_error_object():
     assert orjson.loads(error_body('bad "thing"')) == {"error": 'bad "thing"'}
+
+
+# ---------------------------------------------------------------------------------------
+# shapes numpy cannot build, messages, nesting, NaN and infinities
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ([1] * 65, "shape has 65 dimensions, at most 64"),
+        ([2147483647, 2147483647, 2147483647, 0], "shape .* is too large"),
+        ([4611686018427387904, 0], "shape .* is too large"),
+        ([2**61, 0], "shape .* is too large"),  # 2**63 bytes of FP32: one past numpy's limit
+    ],
+    ids=["65-dims", "int32-max-cubed", "2**62", "2**63-bytes"],
+)
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_shape_numpy_cannot_build_is_invalid_argument_naming_the_input(shape, match, binary):
+    size = 0 if 0 in shape else 4
+    item = {"name": "X", "datatype": "FP32", "shape": shape}
+    if binary:
+        doc = {"inputs": [{**item, "parameters": {"binary_data_size": size}}]}
+        with invalid(f"input 'X': {match}"):
+            decode(doc, b"\0" * size if size else b"")
+    else:
+        with invalid(f"input 'X': {match}"):
+            decode({"inputs": [{**item, "data": [1.0] * (size // 4)}]})
+
+
+def test_shapes_at_numpy_limits_still_decode():
+    deep = decode({"inputs": [{"name": "X", "datatype": "INT8", "shape": [1] * 64, "data": [7]}]})
+    assert deep.inputs["X"].shape == (1,) * 64
+    empty = {"name": "E", "datatype": "FP32", "shape": [(2**63 - 1) // 4, 0], "data": []}
+    assert decode({"inputs": [empty]}).inputs["E"].shape == ((2**63 - 1) // 4, 0)
+
+
+def test_truth_tensor_shape_numpy_cannot_build_is_invalid_argument():
+    body = orjson.dumps(
+        {"id": "r", "truth": [{"name": "T", "datatype": "BYTES", "shape": [2**61, 0], "data": []}]}
+    )
+    with invalid("truth tensor 'T': shape .* is too large"):
+        decode_feedback(body, "m")

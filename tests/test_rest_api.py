@@ -553,7 +553,7 @@ def mlp_doc(**changes: Any) -> dict:
                      id="shape-mismatch"),
         pytest.param(orjson.dumps(mlp_doc(data=[0.5] * 15)), "needs 16 elements, data has 15",
                      id="element-count"),
-        pytest.param(orjson.dumps(mlp_doc(shape=[1, -16])), "'shape'", id="negative-dim"),
+        pytest.param(orjson.dumps(mlp_doc(shape=[1, -16])), "negative dim", id="negative-dim"),
         pytest.param(orjson.dumps(mlp_doc(data=["a"] * 16)), "not valid FP32", id="text-as-fp32"),
         pytest.param(orjson.dumps(mlp_doc(name="NOPE")), "missing input(s) INPUT0",
                      id="misnamed-input"),
@@ -959,3 +959,47 @@ def test_many_concurrent_requests_get_their_own_results(server, repo):
             out = {o["name"]: np.array(o["data"], dtype=np.int32) for o in got["outputs"]}
             np.testing.assert_array_equal(out["OUTPUT0"], (a + b).ravel())
             np.testing.assert_array_equal(out["OUTPUT1"], (a - b).ravel())
+
+
+# ---------------------------------------------------------------------------------------
+# client input that must be a 4xx naming the problem, never a 500 (raw bodies, aiohttp)
+
+
+def post_raw(server: Any, path: str, body: bytes, headers: dict | None = None) -> Reply:
+    """POST `body` as it is, with aiohttp (no client-side JSON encoding)."""
+
+    async def main() -> Reply:
+        async with aiohttp.ClientSession() as http:
+            url = server.http_url + path
+            async with http.request("POST", url, data=body, headers=headers) as r:
+                return Reply(r.status, r.headers, await r.read())
+
+    return asyncio.run(main())
+
+
+HUGE_SHAPES = {
+    "65-dims": ([1] * 65, "shape has 65 dimensions, at most 64 are supported"),
+    "int32-max-cubed": ([2147483647, 2147483647, 2147483647, 0], "is too large"),
+    "2**62": ([4611686018427387904, 0], "is too large"),
+}
+
+
+@pytest.mark.parametrize("model", ["mlp", "no_such_model"])
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("shape", list(HUGE_SHAPES))
+def test_shape_numpy_cannot_build_is_400_naming_the_input(server, model, binary, shape):
+    dims, problem = HUGE_SHAPES[shape]
+    size = 0 if 0 in dims else 4
+    entry: dict[str, Any] = {"name": "INPUT0", "datatype": "FP32", "shape": dims}
+    if binary:
+        entry["parameters"] = {"binary_data_size": size}
+        header = orjson.dumps({"inputs": [entry]})
+        reply = post_raw(
+            server, infer_path(model), header + b"\0" * size, {HEADER_LENGTH: str(len(header))}
+        )
+    else:
+        entry["data"] = [1.0] * (size // 4)
+        reply = post_raw(server, infer_path(model), orjson.dumps({"inputs": [entry]}))
+    assert reply.status == 400, reply.body[:300]
+    assert reply.headers["Content-Type"] == "application/json"
+    assert reply.error().startswith("input 'INPUT0': ") and problem in reply.error()
