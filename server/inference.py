@@ -397,12 +397,16 @@ def _run_before(
 
 
 def _output_names(s: Servable, requested: list[RequestedOutput]) -> list[str]:
+    """The outputs to compute: each a model output, each asked for once (both edges
+    answer one entry per name asked for)."""
     names = [o.name for o in requested]
-    for name in names:
+    for i, name in enumerate(names):
         if name not in s.outputs:
             raise InvalidArgument(
                 f"model {s.id} has no output {name!r} (outputs: {', '.join(s.outputs)})"
             )
+        if name in names[:i]:
+            raise InvalidArgument(f"output {name!r} is requested more than once")
     return names
 
 

@@ -746,3 +746,11 @@ def test_shape_numpy_cannot_build_is_invalid_argument_naming_the_input(
     error = infer_failure(channel, request)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert error.details().startswith("input 'INPUT0': ") and problem in error.details()
+
+
+def test_requesting_an_output_twice_is_invalid_argument_naming_it(channel: grpc.Channel) -> None:
+    tensors = {n: ("INT32", a) for n, a in simple_inputs(rows=1, seed=3).items()}
+    request = request_of("simple", tensors, outputs=["OUTPUT0", "OUTPUT1", "OUTPUT0"])
+    error = infer_failure(channel, request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "output 'OUTPUT0' is requested more than once"

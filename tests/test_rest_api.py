@@ -1003,3 +1003,24 @@ def test_shape_numpy_cannot_build_is_400_naming_the_input(server, model, binary,
     assert reply.status == 400, reply.body[:300]
     assert reply.headers["Content-Type"] == "application/json"
     assert reply.error().startswith("input 'INPUT0': ") and problem in reply.error()
+
+
+@pytest.mark.parametrize("binary", [None, True], ids=["json", "json-and-binary"])
+def test_requesting_an_output_twice_is_400_naming_it(server, binary):
+    a, b = simple_inputs(1, seed=3)
+    second = {"name": "OUTPUT0"} if binary is None else {"name": "OUTPUT0", "parameters": {
+        "binary_data": True}}  # fmt: skip
+    doc = {"inputs": simple_json_inputs(a, b), "outputs": [{"name": "OUTPUT0"}, second]}
+    reply = post_raw(server, infer_path("simple"), orjson.dumps(doc))
+    assert reply.status == 400, reply.body[:300]
+    assert reply.error() == "output 'OUTPUT0' is requested more than once"
+
+
+def test_requesting_distinct_outputs_still_answers_each_once(server):
+    a, b = simple_inputs(1, seed=3)
+    doc = {
+        "inputs": simple_json_inputs(a, b),
+        "outputs": [{"name": "OUTPUT1"}, {"name": "OUTPUT0"}],
+    }
+    _, arrays = response_arrays(post_raw(server, infer_path("simple"), orjson.dumps(doc)))
+    assert list(arrays) == ["OUTPUT1", "OUTPUT0"]
