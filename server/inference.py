@@ -29,6 +29,7 @@ from fleetserve.server.errors import (
     NotFound,
     ServerError,
     Unavailable,
+    shown,
 )
 from fleetserve.server.feedback import FeedbackLog
 from fleetserve.server.metrics import OTHER, Metrics
@@ -380,7 +381,7 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
         return None
     if type(value) is not int or value < 0:
         raise InvalidArgument(
-            f'parameter "timeout" must be a non-negative integer (microseconds), got {value!r}'
+            f'parameter "timeout" must be a non-negative integer (microseconds), got {shown(value)}'
         )
     return value / 1e6 or None
 

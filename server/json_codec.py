@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from fleetserve.server.errors import InvalidArgument
+from fleetserve.server.errors import InvalidArgument, shown
 from fleetserve.server.tensors import array_from_bytes, byte_elements, bytes_of, check_shape
 from fleetserve.server.types import (
     DTYPES,
@@ -159,7 +159,7 @@ def _tensor_header(item: Any, what: str) -> tuple[str, str, list[int], dict]:
     datatype = item.get("datatype")
     if type(datatype) is not str or datatype not in DTYPES:
         raise InvalidArgument(
-            f"{what} {name!r}: unknown datatype {datatype!r:.40} (one of {', '.join(DTYPES)})"
+            f"{what} {name!r}: unknown datatype {shown(datatype)} (one of {', '.join(DTYPES)})"
         )
     shape = item.get("shape")
     if type(shape) is not list:
@@ -210,6 +210,7 @@ def _array_from_json(name: str, datatype: str, shape: list[int], data: Any) -> n
 # no nulls, no floats for integers, only true/false for BOOL (as Triton)
 _ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _KIND_WORDS = {"b": "true/false", "iu": "integers", "iuf": "numbers"}
+_TAKES = {"b": (bool,), "iu": (int,), "iuf": (int, float)}  # the JSON values, as Python types
 
 
 def _numbers(name: str, datatype: str, data: Any) -> np.ndarray:
@@ -230,7 +231,7 @@ def _numbers(name: str, datatype: str, data: Any) -> np.ndarray:
     if raw.dtype.kind not in accepts and raw.size:
         raise InvalidArgument(
             f"input {name!r}: data is not valid {datatype}: it takes {_KIND_WORDS[accepts]}, "
-            f"got values such as {raw.ravel()[0]!r:.40}"
+            f"got values such as {shown(_refused(data, accepts))}"
         )
     if dtype.kind in "iu" and raw.size:
         info = np.iinfo(dtype)
@@ -240,6 +241,19 @@ def _numbers(name: str, datatype: str, data: Any) -> np.ndarray:
                 f"{info.min}..{info.max}"
             )
     return raw.astype(dtype, copy=False)
+
+
+def _refused(data: Any, accepts: str) -> Any:
+    """The first JSON value in `data` that a datatype accepting `accepts` refuses, as the
+    client sent it (numpy's inference would show np.str_('a'), or a float for 2**64)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif type(item) not in _TAKES[accepts]:
+            return item
+    return data
 
 
 def _all_ints(data: Any) -> bool:
@@ -263,7 +277,7 @@ def _flatten_text(name: str, data: Any) -> list[bytes]:
         elif isinstance(item, list):
             stack.extend(reversed(item))
         else:
-            raise InvalidArgument(f"input {name!r}: BYTES data must be strings, got {item!r:.40}")
+            raise InvalidArgument(f"input {name!r}: BYTES data must be strings, got {shown(item)}")
     return out
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -565,3 +566,45 @@ def test_truth_tensor_shape_numpy_cannot_build_is_invalid_argument():
     )
     with invalid("truth tensor 'T': shape .* is too large"):
         decode_feedback(body, "m")
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "shown"),
+    [
+        ("BOOL", b'["a"]', "got values such as 'a'"),
+        ("INT64", b"[18446744073709551616]", "got values such as 1.8446744073709552e+19"),
+        ("INT32", b"[1, 2.5]", "got values such as 2.5"),
+        ("INT8", b"[true]", "got values such as True"),
+    ],
+)
+def test_refused_values_are_shown_as_plain_values_not_numpy_reprs(datatype, data, shown):
+    body = b'{"inputs": [{"name": "X", "datatype": "%s", "shape": [%d], "data": %s}]}' % (
+        datatype.encode(),
+        len(orjson.loads(data)),
+        data,
+    )
+    with invalid(re.escape(shown)) as info:
+        decode_request(body, None, "m", None)
+    assert "np." not in info.value.message
+
+
+DEEP = 1000  # deeper than Python's repr can go (its recursion limit), within orjson's reach
+
+
+def nested_object(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        b'{"inputs": [{"name": "X", "datatype": %s, "shape": [1], "data": [1]}]}',
+        b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [%s]}]}',
+        b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": %s}]}',
+        b'{"inputs": [{"name": "X", "datatype": "BYTES", "shape": [1], "data": [%s]}]}',
+    ],
+    ids=["datatype", "data-element", "data", "bytes-element"],
+)
+def test_values_nested_past_the_recursion_limit_are_invalid_argument(template):
+    with invalid("an object"):
+        decode_request(template % nested_object(DEEP), None, "m", None)

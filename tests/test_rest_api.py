@@ -12,6 +12,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fleetserve.loaders import testing
+from tests.conftest import start_server, stop_server, test_settings
 from tests.helpers import NUMPY, assert_identical, mlp_input, ort_run, raw_bytes, split_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -1024,3 +1027,75 @@ def test_requesting_distinct_outputs_still_answers_each_once(server):
     }
     _, arrays = response_arrays(post_raw(server, infer_path("simple"), orjson.dumps(doc)))
     assert list(arrays) == ["OUTPUT1", "OUTPUT0"]
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "shown"),
+    [
+        ("identity_bool", b'["a", "b", "c", "d", "e", "f", "g", "h"]', "got values such as 'a'"),
+        ("identity_int64", b"[18446744073709551616, 1, 2, 3, 4, 5, 6, 7]",
+         "got values such as 1.8446744073709552e+19"),
+    ],
+)  # fmt: skip
+def test_a_refused_value_is_shown_as_sent_not_as_a_numpy_repr(server, model, data, shown):
+    datatype = model.removeprefix("identity_").upper().encode()
+    body = b'{"inputs": [{"name": "INPUT0", "datatype": "%s", "shape": [2, 4], "data": %s}]}'
+    reply = post_raw(server, infer_path(model), body % (datatype, data))
+    assert reply.status == 400
+    assert shown in reply.error() and "np." not in reply.error()
+
+
+def nested(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        b'{"inputs": [{"name": "INPUT0", "datatype": %s, "shape": [1, 16], "data": []}]}',
+        b'{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [%s]}]}',
+        b'{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": ['
+        + b"1," * 15 + b'1]}], "parameters": {"timeout": %s}}',
+    ],
+    ids=["datatype", "data", "timeout-parameter"],
+)  # fmt: skip
+def test_a_value_nested_past_the_recursion_limit_is_400(server, template):
+    reply = post_raw(server, infer_path("mlp"), template % nested(1000))
+    assert reply.status == 400, reply.body[:300]
+    assert "an object" in reply.error()
+
+
+# a repository whose models fail on files the server cannot read, to see what the errors say
+
+
+@pytest.fixture(scope="module")
+def unreadable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    root = tmp_path_factory.mktemp("unreadable")
+    testing.write_model(root, "cfgdir", testing.mlp(), version=1)
+    (root / "cfgdir" / "config.pbtxt").mkdir()  # a directory where the config should be
+    (root / "nofile" / "1").mkdir(parents=True)  # a version without its model file
+    testing.write_model(root, "nowarmup", testing.mlp(), config=(
+        'model_warmup [ { name: "w" batch_size: 1 inputs { key: "INPUT0" value: {'
+        ' data_type: TYPE_FP32 dims: [ 16 ] input_data_file: "missing.bin" } } } ]'))  # fmt: skip
+    running = start_server(test_settings(root, preload=False))
+    yield running, root
+    stop_server(running)
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("cfgdir", "model 'cfgdir': cannot read config.pbtxt: Is a directory"),
+        ("nofile", "cannot read its model file: No such file or directory"),
+        ("nowarmup", "cannot read 'missing.bin': No such file or directory"),
+    ],
+)
+def test_file_errors_name_the_model_and_file_but_no_server_path(unreadable, model, reason):
+    running, root = unreadable
+    x = json_input("INPUT0", mlp_input(1), "FP32")
+    reply = post_raw(running, infer_path(model), orjson.dumps({"inputs": [x]}))
+    assert reply.status in (400, 503), reply.body[:300]
+    assert reason in reply.error()
+    index = post_raw(running, "/v2/repository/index", b"")
+    for body in (reply.body, index.body):
+        assert str(root).encode() not in body and b"Errno" not in body
