@@ -94,6 +94,10 @@ def decode_request(
 
 
 MAX_METADATA_BYTES = 64 * 1024
+# orjson reads JSON nested up to 1024 levels deep but writes only 254: a value the server
+# stores (feedback metadata) must fit the lower bound
+MAX_READ_DEPTH = 1024
+MAX_WRITE_DEPTH = 254
 
 
 def json_object(body: bytes | memoryview, what: str) -> dict:
@@ -101,6 +105,10 @@ def json_object(body: bytes | memoryview, what: str) -> dict:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if exc.msg.startswith("depth limit"):
+            raise InvalidArgument(
+                f"{what} nests JSON more than {MAX_READ_DEPTH} levels deep"
+            ) from None
         raise InvalidArgument(f"malformed JSON in {what}: {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{what} must be a JSON object")
@@ -137,7 +145,13 @@ def decode_feedback(body: bytes, model_name: str) -> FeedbackRecord:
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise InvalidArgument("'metadata' must be a JSON object")
-        if len(orjson.dumps(metadata)) > MAX_METADATA_BYTES:
+        try:
+            size = len(orjson.dumps(metadata))
+        except orjson.JSONEncodeError:  # nested too deeply for orjson to write it back
+            raise InvalidArgument(
+                f"'metadata' is limited to {MAX_WRITE_DEPTH} levels of nesting"
+            ) from None
+        if size > MAX_METADATA_BYTES:
             raise InvalidArgument(f"'metadata' is limited to {MAX_METADATA_BYTES} bytes of JSON")
     return FeedbackRecord(request_id, model_name, time.time(), label, truth, metadata)
 

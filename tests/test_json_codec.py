@@ -608,3 +608,16 @@ def nested_object(depth: int) -> bytes:
 def test_values_nested_past_the_recursion_limit_are_invalid_argument(template):
     with invalid("an object"):
         decode_request(template % nested_object(DEEP), None, "m", None)
+
+
+def test_metadata_nested_deeper_than_orjson_writes_is_invalid_argument():
+    ok = b'{"id": "r", "label": 1, "metadata": %s}' % nested_object(254)
+    assert decode_feedback(ok, "m").metadata is not None
+    with invalid("'metadata' is limited to 254 levels of nesting"):
+        decode_feedback(b'{"id": "r", "label": 1, "metadata": %s}' % nested_object(255), "m")
+
+
+def test_body_nested_deeper_than_orjson_reads_names_the_depth():
+    body = b'{"inputs": [{"name": "X", "data": %s}]}' % (b"[" * 1100 + b"]" * 1100)
+    with invalid("request body nests JSON more than 1024 levels deep"):
+        decode_request(body, None, "m", None)

@@ -980,6 +980,17 @@ def post_raw(server: Any, path: str, body: bytes, headers: dict | None = None) -
     return asyncio.run(main())
 
 
+def put_raw(server: Any, path: str, body: bytes) -> Reply:
+    async def main() -> Reply:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.put(server.http_url + path, data=body) as r,
+        ):
+            return Reply(r.status, r.headers, await r.read())
+
+    return asyncio.run(main())
+
+
 HUGE_SHAPES = {
     "65-dims": ([1] * 65, "shape has 65 dimensions, at most 64 are supported"),
     "int32-max-cubed": ([2147483647, 2147483647, 2147483647, 0], "is too large"),
@@ -1063,6 +1074,31 @@ def test_a_value_nested_past_the_recursion_limit_is_400(server, template):
     reply = post_raw(server, infer_path("mlp"), template % nested(1000))
     assert reply.status == 400, reply.body[:300]
     assert "an object" in reply.error()
+
+
+def test_feedback_metadata_nested_deeper_than_the_server_stores_is_400(server):
+    body = b'{"id": "r1", "label": 1, "metadata": %s}'
+    reply = post_raw(server, "/v2/models/mlp/feedback", body % nested(255))
+    assert reply.status == 400, reply.body[:300]
+    assert reply.error() == "'metadata' is limited to 254 levels of nesting"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/models/mlp/infer"),
+        ("POST", "/v2/models/mlp/feedback"),
+        ("POST", "/v2/repository/index"),
+        ("POST", "/v2/repository/models/mlp/load"),
+        ("POST", "/v2/repository/models/mlp/unload"),
+        ("PUT", "/v2/admin/models/mlp/routing"),
+    ],
+)
+def test_every_json_route_names_nesting_past_the_parser_depth(server, method, path):
+    body = b'{"parameters": ' + b"[" * 1100 + b"]" * 1100 + b"}"
+    reply = (post_raw if method == "POST" else put_raw)(server, path, body)
+    assert reply.status == 400, reply.body[:300]
+    assert reply.error().endswith("nests JSON more than 1024 levels deep")
 
 
 # a repository whose models fail on files the server cannot read, to see what the errors say
