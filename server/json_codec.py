@@ -6,6 +6,9 @@ the REST edge stays a thin translation.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
 from math import prod
 from typing import Any
@@ -98,10 +101,15 @@ MAX_METADATA_BYTES = 64 * 1024
 # stores (feedback metadata) must fit the lower bound
 MAX_READ_DEPTH = 1024
 MAX_WRITE_DEPTH = 254
+_NON_FINITE = re.compile(rb"NaN|Infinity")
 
 
 def json_object(body: bytes | memoryview, what: str) -> dict:
-    """A body that must hold one JSON object; InvalidArgument naming `what` otherwise."""
+    """A body that must hold one JSON object; InvalidArgument naming `what` otherwise.
+
+    NaN, Infinity and -Infinity are read as numbers, as Triton reads them (rapidjson's
+    kParseNanAndInfFlag) and as tritonclient.http writes non-finite inputs.
+    """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -109,10 +117,42 @@ def json_object(body: bytes | memoryview, what: str) -> dict:
             raise InvalidArgument(
                 f"{what} nests JSON more than {MAX_READ_DEPTH} levels deep"
             ) from None
-        raise InvalidArgument(f"malformed JSON in {what}: {exc}") from None
+        if not _NON_FINITE.search(body):
+            raise InvalidArgument(f"malformed JSON in {what}: {exc}") from None
+        doc = _loads_non_finite(body, what)
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{what} must be a JSON object")
     return doc
+
+
+def _loads_non_finite(body: bytes | memoryview, what: str) -> Any:
+    """A body orjson refused that holds NaN or Infinity, read by the stdlib's parser, which
+    takes them (only such bodies pay for it). Made to read as orjson would otherwise:
+    integers beyond 64 bits as floats; numbers beyond double range, lone surrogates and
+    more nesting than orjson writes refused (orjson.dumps checks the last two)."""
+    try:
+        doc = json.loads(bytes(body).decode(), parse_int=_int, parse_float=_finite)
+        orjson.dumps(doc)
+    except RecursionError:
+        raise InvalidArgument(f"{what} nests JSON too deeply") from None
+    except (ValueError, orjson.JSONEncodeError) as exc:
+        raise InvalidArgument(f"malformed JSON in {what}: {exc}") from None
+    return doc
+
+
+def _int(text: str) -> int | float:
+    if len(text) <= 20:  # 64 bits' worth of digits, and a sign
+        value = int(text)
+        if -(2**63) <= value < 2**64:
+            return value
+    return _finite(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def decode_feedback(body: bytes, model_name: str) -> FeedbackRecord:
@@ -126,9 +166,13 @@ def decode_feedback(body: bytes, model_name: str) -> FeedbackRecord:
         raise InvalidArgument("feedback needs the request's 'id' (a string of 1..256 chars)")
     label = doc.get("label")
     if label is not None and (
-        type(label) not in (str, int, float, bool) or (type(label) is str and len(label) > 4096)
+        type(label) not in (str, int, float, bool)
+        or (type(label) is str and len(label) > 4096)
+        or (type(label) is float and not math.isfinite(label))  # stored as JSON: no NaN
     ):
-        raise InvalidArgument("'label' must be a string (up to 4096 chars), number or boolean")
+        raise InvalidArgument(
+            "'label' must be a string (up to 4096 chars), finite number or boolean"
+        )
     truth = None
     if doc.get("truth") is not None:
         if not isinstance(doc["truth"], list) or not doc["truth"]:
@@ -327,9 +371,33 @@ def encode_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, i
     if resp.id:
         doc["id"] = resp.id
     header = orjson.dumps(doc, option=_DUMPS_OPTIONS)
+    if b"null" in header:  # a non-finite float, or text that says null: rare, checked below
+        header = _spell_non_finite(doc)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
+
+
+def _spell_non_finite(doc: dict[str, Any]) -> bytes:
+    """The response with NaN and infinities written as Triton writes them (rapidjson's
+    kWriteNanAndInfFlag: NaN, Infinity, -Infinity), which tritonclient.http reads back;
+    orjson writes them as null, as strict JSON has no such numbers."""
+    for entry in doc["outputs"]:
+        data = entry.get("data")
+        if isinstance(data, np.ndarray) and data.dtype.kind == "f":
+            finite = np.isfinite(data)
+            if not finite.all():
+                # in a numeric array orjson writes null for these and nothing else
+                parts = orjson.dumps(data, option=_DUMPS_OPTIONS).split(b"null")
+                words = [
+                    b"NaN" if math.isnan(v) else b"Infinity" if v > 0 else b"-Infinity"
+                    for v in data[~finite].tolist()
+                ]
+                spelled = [parts[0]]
+                for word, part in zip(words, parts[1:], strict=True):
+                    spelled += (word, part)
+                entry["data"] = orjson.Fragment(b"".join(spelled))
+    return orjson.dumps(doc, option=_DUMPS_OPTIONS)
 
 
 def _text(name: str, value: bytes) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+import rapidjson
 
 from fleetserve.server.errors import ErrorKind, InvalidArgument
 from fleetserve.server.json_codec import (
@@ -21,6 +22,7 @@ from fleetserve.server.json_codec import (
 )
 from fleetserve.server.tensors import array_from_bytes, bytes_of
 from fleetserve.server.types import DTYPES, InferResponse, RequestedOutput
+from tests.helpers import assert_identical
 
 
 def body_of(doc: Any, binary: bytes = b"") -> tuple[bytes, int | None]:
@@ -621,3 +623,69 @@ def test_body_nested_deeper_than_orjson_reads_names_the_depth():
     body = b'{"inputs": [{"name": "X", "data": %s}]}' % (b"[" * 1100 + b"]" * 1100)
     with invalid("request body nests JSON more than 1024 levels deep"):
         decode_request(body, None, "m", None)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_nan_and_infinity_tokens_are_read_as_numbers_as_triton_reads_them(datatype):
+    body = b'{"inputs": [{"name": "X", "datatype": "%s", "shape": [2, 2], ' % datatype.encode()
+    body += b'"data": [NaN, Infinity, -Infinity, 1.5]}], "id": "NaN Infinity"}'
+    req = decode_request(body, None, "m", None)
+    x = req.inputs["X"]
+    assert x.dtype == DTYPES[datatype] and x.shape == (2, 2)
+    assert np.isnan(x[0, 0]) and x[0, 1] == np.inf and x[1, 0] == -np.inf and x[1, 1] == 1.5
+    assert req.id == "NaN Infinity"
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"[NaN, 1e400]", "out of range"),  # orjson refuses numbers past double range too
+        (b'[NaN], "id": "\\ud800"', "surrogates"),  # and lone surrogates
+        (b"[NaN", "malformed JSON"),
+        (b"[NaN, 1" + b"0" * 5000 + b"]", "out of range"),  # no 4300-digit limit message
+    ],
+    ids=["1e400", "lone-surrogate", "truncated", "5000-digits"],
+)
+def test_bodies_with_nan_are_refused_where_orjson_refuses_them(data, match):
+    body = b'{"inputs": [{"name": "X", "datatype": "FP64", "shape": [2], "data": %s}]}' % data
+    with invalid(match):
+        decode_request(body, None, "m", None)
+
+
+def test_integers_beyond_64_bits_read_as_floats_beside_nan_as_orjson_reads_them():
+    body = b'{"inputs": [{"name": "X", "datatype": "UINT64", "shape": [2], '
+    body += b'"data": [18446744073709551615, 18446744073709551616]}], "parameters": {"n": NaN}}'
+    with invalid(re.escape("got values such as 1.8446744073709552e+19")):
+        decode_request(body, None, "m", None)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_non_finite_outputs_are_written_as_triton_writes_them(dtype):
+    finfo = np.finfo(dtype)
+    out = np.array([[np.nan, np.inf, -np.inf], [finfo.max, -0.0, finfo.tiny]], dtype=dtype)
+    text = bytes_tensor([b"null", b"NaN"])
+    payload, length = encode_response(
+        response({"Y": out, "S": text}, id="null"), binary_default=False
+    )
+    assert length is None
+    assert b"[NaN,Infinity,-Infinity," in payload and b"null" in payload  # the text's "null"
+    doc = rapidjson.loads(payload)  # tritonclient.http's parser
+    y, s = doc["outputs"]
+    assert_identical(np.array(y["data"], dtype=dtype).reshape(y["shape"]), out)
+    assert s["data"] == ["null", "NaN"] and doc["id"] == "null"
+
+
+def test_finite_outputs_are_written_by_orjson_alone():
+    out = np.array([0.1, -0.0, 3.4028235e38], dtype=np.float32)
+    payload, _ = encode_response(response({"Y": out}), binary_default=False)
+    assert payload == orjson.dumps(
+        {"model_name": "m", "model_version": "3",
+         "outputs": [{"name": "Y", "datatype": "FP32", "shape": [3], "data": out}]},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("label", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_feedback_label_is_invalid_argument_not_stored_as_null(label):
+    with invalid("'label' must be a string .*, finite number or boolean"):
+        decode_feedback(b'{"id": "r", "label": %s}' % label, "m")

@@ -23,7 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetserve.loaders import testing
 from tests.conftest import start_server, stop_server, test_settings
-from tests.helpers import NUMPY, assert_identical, mlp_input, ort_run, raw_bytes, split_bytes
+from tests.helpers import (
+    NUMPY,
+    assert_identical,
+    extremes,
+    mlp_input,
+    ort_run,
+    raw_bytes,
+    split_bytes,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -1099,6 +1107,22 @@ def test_every_json_route_names_nesting_past_the_parser_depth(server, method, pa
     reply = (post_raw if method == "POST" else put_raw)(server, path, body)
     assert reply.status == 400, reply.body[:300]
     assert reply.error().endswith("nests JSON more than 1024 levels deep")
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_nan_and_infinities_round_trip_as_json_through_tritonclient(server, datatype):
+    """tritonclient.http writes NaN, Infinity and -Infinity in JSON and reads them back
+    (python-rapidjson); the server reads and writes them as Triton does."""
+    import tritonclient.http as httpclient
+
+    x = extremes(datatype)  # with inf, -inf and NaN
+    with httpclient.InferenceServerClient(server.http) as client:
+        tensor = httpclient.InferInput("INPUT0", list(x.shape), datatype)
+        tensor.set_data_from_numpy(x, binary_data=False)
+        wanted = httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)
+        result = client.infer(f"identity_{datatype.lower()}", [tensor], outputs=[wanted])
+    assert "binary_data_size" not in (result.get_output("OUTPUT0").get("parameters") or {})
+    assert_identical(result.as_numpy("OUTPUT0"), x)
 
 
 # a repository whose models fail on files the server cannot read, to see what the errors say
