@@ -333,7 +333,9 @@ class ModelCache:
         try:
             estimate = await loop.run_in_executor(self._load_pool, loader.estimate_bytes)
         except OSError as exc:
-            raise Unavailable(f"model {model_id}: cannot read its model file: {exc}") from None
+            raise Unavailable(
+                f"model {model_id}: cannot read its model file: {exc.strerror}"
+            ) from None
         victims = self._make_room(model_id, estimate)  # reserves `estimate` until the load ends
         try:
             for victim in victims:

@@ -458,7 +458,9 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     except FileNotFoundError:
         return ModelConfig(name=model_dir.name)
     except (OSError, UnicodeDecodeError) as exc:
+        # the OS's reason, not the absolute path it names: the message reaches clients
+        reason = exc.strerror if isinstance(exc, OSError) else exc
         raise InvalidArgument(
-            f"model {model_dir.name!r}: cannot read {CONFIG_FILENAME}: {exc}"
+            f"model {model_dir.name!r}: cannot read {CONFIG_FILENAME}: {reason}"
         ) from None
     return parse_model_config(text, model_dir.name)

@@ -80,3 +80,15 @@ class Unimplemented(ServerError):
 
 class Internal(ServerError):
     kind = ErrorKind.INTERNAL
+
+
+def shown(value: object) -> str:
+    """A client's value in an error message: short, and safe however deeply it nests
+    (the repr of JSON nested a thousand levels deep exceeds the recursion limit)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str | bytes):
+        value = value[:40]
+    return f"{value!r:.40}"

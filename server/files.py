@@ -56,7 +56,7 @@ def publish(staging: Path, final: Path) -> None:
     except OSError as exc:
         if final.exists():
             raise AlreadyExists(f"version directory {final.name} appeared meanwhile") from None
-        raise Unavailable(f"cannot publish the upload: {exc}") from None
+        raise Unavailable(f"cannot publish the upload: {exc.strerror}") from None
     fsync_directory(final.parent)
     fsync_directory(final.parent.parent)
 

@@ -29,6 +29,7 @@ from fleetserve.server.errors import (
     NotFound,
     ServerError,
     Unavailable,
+    shown,
 )
 from fleetserve.server.feedback import FeedbackLog
 from fleetserve.server.metrics import OTHER, Metrics
@@ -380,7 +381,7 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
         return None
     if type(value) is not int or value < 0:
         raise InvalidArgument(
-            f'parameter "timeout" must be a non-negative integer (microseconds), got {value!r}'
+            f'parameter "timeout" must be a non-negative integer (microseconds), got {shown(value)}'
         )
     return value / 1e6 or None
 
@@ -397,12 +398,16 @@ def _run_before(
 
 
 def _output_names(s: Servable, requested: list[RequestedOutput]) -> list[str]:
+    """The outputs to compute: each a model output, each asked for once (both edges
+    answer one entry per name asked for)."""
     names = [o.name for o in requested]
-    for name in names:
+    for i, name in enumerate(names):
         if name not in s.outputs:
             raise InvalidArgument(
                 f"model {s.id} has no output {name!r} (outputs: {', '.join(s.outputs)})"
             )
+        if name in names[:i]:
+            raise InvalidArgument(f"output {name!r} is requested more than once")
     return names
 
 

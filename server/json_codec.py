@@ -6,6 +6,9 @@ the REST edge stays a thin translation.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
 from math import prod
 from typing import Any
@@ -13,8 +16,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from fleetserve.server.errors import InvalidArgument
-from fleetserve.server.tensors import array_from_bytes, byte_elements, bytes_of
+from fleetserve.server.errors import InvalidArgument, shown
+from fleetserve.server.tensors import array_from_bytes, byte_elements, bytes_of, check_shape
 from fleetserve.server.types import (
     DTYPES,
     FeedbackRecord,
@@ -94,17 +97,62 @@ def decode_request(
 
 
 MAX_METADATA_BYTES = 64 * 1024
+# orjson reads JSON nested up to 1024 levels deep but writes only 254: a value the server
+# stores (feedback metadata) must fit the lower bound
+MAX_READ_DEPTH = 1024
+MAX_WRITE_DEPTH = 254
+_NON_FINITE = re.compile(rb"NaN|Infinity")
 
 
 def json_object(body: bytes | memoryview, what: str) -> dict:
-    """A body that must hold one JSON object; InvalidArgument naming `what` otherwise."""
+    """A body that must hold one JSON object; InvalidArgument naming `what` otherwise.
+
+    NaN, Infinity and -Infinity are read as numbers, as Triton reads them (rapidjson's
+    kParseNanAndInfFlag) and as tritonclient.http writes non-finite inputs.
+    """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"malformed JSON in {what}: {exc}") from None
+        if exc.msg.startswith("depth limit"):
+            raise InvalidArgument(
+                f"{what} nests JSON more than {MAX_READ_DEPTH} levels deep"
+            ) from None
+        if not _NON_FINITE.search(body):
+            raise InvalidArgument(f"malformed JSON in {what}: {exc}") from None
+        doc = _loads_non_finite(body, what)
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{what} must be a JSON object")
     return doc
+
+
+def _loads_non_finite(body: bytes | memoryview, what: str) -> Any:
+    """A body orjson refused that holds NaN or Infinity, read by the stdlib's parser, which
+    takes them (only such bodies pay for it). Made to read as orjson would otherwise:
+    integers beyond 64 bits as floats; numbers beyond double range, lone surrogates and
+    more nesting than orjson writes refused (orjson.dumps checks the last two)."""
+    try:
+        doc = json.loads(bytes(body).decode(), parse_int=_int, parse_float=_finite)
+        orjson.dumps(doc)
+    except RecursionError:
+        raise InvalidArgument(f"{what} nests JSON too deeply") from None
+    except (ValueError, orjson.JSONEncodeError) as exc:
+        raise InvalidArgument(f"malformed JSON in {what}: {exc}") from None
+    return doc
+
+
+def _int(text: str) -> int | float:
+    if len(text) <= 20:  # 64 bits' worth of digits, and a sign
+        value = int(text)
+        if -(2**63) <= value < 2**64:
+            return value
+    return _finite(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def decode_feedback(body: bytes, model_name: str) -> FeedbackRecord:
@@ -118,9 +166,13 @@ def decode_feedback(body: bytes, model_name: str) -> FeedbackRecord:
         raise InvalidArgument("feedback needs the request's 'id' (a string of 1..256 chars)")
     label = doc.get("label")
     if label is not None and (
-        type(label) not in (str, int, float, bool) or (type(label) is str and len(label) > 4096)
+        type(label) not in (str, int, float, bool)
+        or (type(label) is str and len(label) > 4096)
+        or (type(label) is float and not math.isfinite(label))  # stored as JSON: no NaN
     ):
-        raise InvalidArgument("'label' must be a string (up to 4096 chars), number or boolean")
+        raise InvalidArgument(
+            "'label' must be a string (up to 4096 chars), finite number or boolean"
+        )
     truth = None
     if doc.get("truth") is not None:
         if not isinstance(doc["truth"], list) or not doc["truth"]:
@@ -137,7 +189,13 @@ def decode_feedback(body: bytes, model_name: str) -> FeedbackRecord:
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise InvalidArgument("'metadata' must be a JSON object")
-        if len(orjson.dumps(metadata)) > MAX_METADATA_BYTES:
+        try:
+            size = len(orjson.dumps(metadata))
+        except orjson.JSONEncodeError:  # nested too deeply for orjson to write it back
+            raise InvalidArgument(
+                f"'metadata' is limited to {MAX_WRITE_DEPTH} levels of nesting"
+            ) from None
+        if size > MAX_METADATA_BYTES:
             raise InvalidArgument(f"'metadata' is limited to {MAX_METADATA_BYTES} bytes of JSON")
     return FeedbackRecord(request_id, model_name, time.time(), label, truth, metadata)
 
@@ -159,16 +217,17 @@ def _tensor_header(item: Any, what: str) -> tuple[str, str, list[int], dict]:
     datatype = item.get("datatype")
     if type(datatype) is not str or datatype not in DTYPES:
         raise InvalidArgument(
-            f"{what} {name!r}: unknown datatype {datatype!r:.40} (one of {', '.join(DTYPES)})"
+            f"{what} {name!r}: unknown datatype {shown(datatype)} (one of {', '.join(DTYPES)})"
         )
     shape = item.get("shape")
     if type(shape) is not list:
         raise InvalidArgument(f"{what} {name!r}: 'shape' must be a list of non-negative integers")
     for d in shape:
-        if type(d) is not int or not 0 <= d < 2**31:
+        if type(d) is not int:
             raise InvalidArgument(
                 f"{what} {name!r}: 'shape' must be a list of non-negative integers"
             )
+    check_shape(what, name, datatype, shape)
     params = item.get("parameters")
     return (
         name,
@@ -209,6 +268,7 @@ def _array_from_json(name: str, datatype: str, shape: list[int], data: Any) -> n
 # no nulls, no floats for integers, only true/false for BOOL (as Triton)
 _ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _KIND_WORDS = {"b": "true/false", "iu": "integers", "iuf": "numbers"}
+_TAKES = {"b": (bool,), "iu": (int,), "iuf": (int, float)}  # the JSON values, as Python types
 
 
 def _numbers(name: str, datatype: str, data: Any) -> np.ndarray:
@@ -229,7 +289,7 @@ def _numbers(name: str, datatype: str, data: Any) -> np.ndarray:
     if raw.dtype.kind not in accepts and raw.size:
         raise InvalidArgument(
             f"input {name!r}: data is not valid {datatype}: it takes {_KIND_WORDS[accepts]}, "
-            f"got values such as {raw.ravel()[0]!r:.40}"
+            f"got values such as {shown(_refused(data, accepts))}"
         )
     if dtype.kind in "iu" and raw.size:
         info = np.iinfo(dtype)
@@ -239,6 +299,19 @@ def _numbers(name: str, datatype: str, data: Any) -> np.ndarray:
                 f"{info.min}..{info.max}"
             )
     return raw.astype(dtype, copy=False)
+
+
+def _refused(data: Any, accepts: str) -> Any:
+    """The first JSON value in `data` that a datatype accepting `accepts` refuses, as the
+    client sent it (numpy's inference would show np.str_('a'), or a float for 2**64)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif type(item) not in _TAKES[accepts]:
+            return item
+    return data
 
 
 def _all_ints(data: Any) -> bool:
@@ -262,7 +335,7 @@ def _flatten_text(name: str, data: Any) -> list[bytes]:
         elif isinstance(item, list):
             stack.extend(reversed(item))
         else:
-            raise InvalidArgument(f"input {name!r}: BYTES data must be strings, got {item!r:.40}")
+            raise InvalidArgument(f"input {name!r}: BYTES data must be strings, got {shown(item)}")
     return out
 
 
@@ -298,9 +371,33 @@ def encode_response(resp: InferResponse, binary_default: bool) -> tuple[bytes, i
     if resp.id:
         doc["id"] = resp.id
     header = orjson.dumps(doc, option=_DUMPS_OPTIONS)
+    if b"null" in header:  # a non-finite float, or text that says null: rare, checked below
+        header = _spell_non_finite(doc)
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
+
+
+def _spell_non_finite(doc: dict[str, Any]) -> bytes:
+    """The response with NaN and infinities written as Triton writes them (rapidjson's
+    kWriteNanAndInfFlag: NaN, Infinity, -Infinity), which tritonclient.http reads back;
+    orjson writes them as null, as strict JSON has no such numbers."""
+    for entry in doc["outputs"]:
+        data = entry.get("data")
+        if isinstance(data, np.ndarray) and data.dtype.kind == "f":
+            finite = np.isfinite(data)
+            if not finite.all():
+                # in a numeric array orjson writes null for these and nothing else
+                parts = orjson.dumps(data, option=_DUMPS_OPTIONS).split(b"null")
+                words = [
+                    b"NaN" if math.isnan(v) else b"Infinity" if v > 0 else b"-Infinity"
+                    for v in data[~finite].tolist()
+                ]
+                spelled = [parts[0]]
+                for word, part in zip(words, parts[1:], strict=True):
+                    spelled += (word, part)
+                entry["data"] = orjson.Fragment(b"".join(spelled))
+    return orjson.dumps(doc, option=_DUMPS_OPTIONS)
 
 
 def _text(name: str, value: bytes) -> str:

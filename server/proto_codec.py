@@ -13,7 +13,7 @@ from google.protobuf import json_format
 
 from fleetserve.protos import grpc_service_pb2 as pb
 from fleetserve.server.errors import InvalidArgument
-from fleetserve.server.tensors import array_from_bytes, bytes_of
+from fleetserve.server.tensors import array_from_bytes, bytes_of, check_shape
 from fleetserve.server.types import (
     DTYPES,
     InferRequest,
@@ -68,8 +68,7 @@ def decode_infer(request: pb.ModelInferRequest) -> InferRequest:
         if name in inputs:
             raise InvalidArgument(f"input {name!r} appears twice")
         shape = list(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidArgument(f"input {name!r}: shape {shape} has a negative dimension")
+        check_shape("input", name, datatype, shape)
         if raw:
             inputs[name] = array_from_bytes(name, datatype, shape, raw[i])
         else:

@@ -162,7 +162,8 @@ class Repository:
                 )
             )
         except OSError as exc:  # the directory went away, or cannot be read
-            entry.config, entry.error = None, f"model {name!r}: cannot list its directory: {exc}"
+            entry.config = None
+            entry.error = f"model {name!r}: cannot list its directory: {exc.strerror}"
         if entry.config is not None:
             entry.servable = tuple(servable_versions(entry.config.version_policy, entry.versions))
         return entry

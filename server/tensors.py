@@ -18,6 +18,39 @@ from fleetserve.server.types import DTYPES, datatype_of
 
 _U32 = struct.Struct("<I")
 
+# numpy's limits (NPY_MAXDIMS, and a byte count in a signed 64-bit integer): a shape past
+# them cannot become an array, even an empty one
+MAX_DIMS = 64
+MAX_BYTES = 2**63 - 1
+
+
+def check_shape(what: str, name: str, datatype: str, shape: list[int]) -> None:
+    """InvalidArgument unless numpy can build a `datatype` tensor of `shape`.
+
+    Both codecs call it before they size or build anything. A zero-size shape is bound
+    too: numpy multiplies its other dimensions (times the element size) all the same.
+    """
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(
+            f"{what} {name!r}: shape has {len(shape)} dimensions, at most {MAX_DIMS} are supported"
+        )
+    nbytes = DTYPES[datatype].itemsize
+    for d in shape:
+        if d < 0:
+            raise InvalidArgument(f"{what} {name!r}: shape {_text(shape)} has a negative dimension")
+        if d:
+            nbytes *= d
+    if nbytes > MAX_BYTES:
+        raise InvalidArgument(
+            f"{what} {name!r}: shape {_text(shape)} is too large: its non-zero dimensions "
+            f"multiply past 2**63 bytes of {datatype}"
+        )
+
+
+def _text(shape: list[int]) -> str:
+    text = str(shape)
+    return text if len(text) <= 100 else text[:96] + " ...]"
+
 
 def array_from_bytes(
     name: str, datatype: str, shape: list[int], raw: bytes | memoryview

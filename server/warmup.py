@@ -57,7 +57,7 @@ def _warm_up_tensor(
         try:
             raw = (folder / filename).read_bytes()
         except OSError as exc:
-            raise InvalidArgument(f"{what}: cannot read {filename!r}: {exc}") from None
+            raise InvalidArgument(f"{what}: cannot read {filename!r}: {exc.strerror}") from None
         count = int(np.prod(shape))
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(

@@ -713,3 +713,44 @@ async def test_200_concurrent_model_infer_calls_are_all_correct(server: Any, rep
         assert sorted(got) == sorted(want)
         for name, array in want.items():
             assert_identical(got[name], array)
+
+
+# --------------------------------------------------------------------------
+# client input that must be INVALID_ARGUMENT naming the problem, never INTERNAL
+
+
+HUGE_SHAPES = {
+    "65-dims": ([1] * 65, "shape has 65 dimensions, at most 64 are supported"),
+    "int32-max-cubed": ([2147483647, 2147483647, 2147483647, 0], "is too large"),
+    "2**62": ([4611686018427387904, 0], "is too large"),
+}
+
+
+@pytest.mark.parametrize("model", ["mlp", "no_such_model"])
+@pytest.mark.parametrize("contents", ["raw", "fp32_contents", "bytes_contents"])
+@pytest.mark.parametrize("shape", list(HUGE_SHAPES))
+def test_shape_numpy_cannot_build_is_invalid_argument_naming_the_input(
+    channel: grpc.Channel, model: str, contents: str, shape: str
+) -> None:
+    dims, problem = HUGE_SHAPES[shape]
+    empty = 0 in dims
+    request = pb.ModelInferRequest(model_name=model)
+    datatype = "BYTES" if contents == "bytes_contents" else "FP32"
+    tensor = request.inputs.add(name="INPUT0", datatype=datatype, shape=dims)
+    if contents == "raw":
+        request.raw_input_contents.append(b"" if empty else b"\0\0\0\0")
+    elif contents == "fp32_contents":
+        tensor.contents.fp32_contents.extend([] if empty else [1.0])
+    else:
+        tensor.contents.bytes_contents.extend([] if empty else [b"a"])
+    error = infer_failure(channel, request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error.details().startswith("input 'INPUT0': ") and problem in error.details()
+
+
+def test_requesting_an_output_twice_is_invalid_argument_naming_it(channel: grpc.Channel) -> None:
+    tensors = {n: ("INT32", a) for n, a in simple_inputs(rows=1, seed=3).items()}
+    request = request_of("simple", tensors, outputs=["OUTPUT0", "OUTPUT1", "OUTPUT0"])
+    error = infer_failure(channel, request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "output 'OUTPUT0' is requested more than once"

@@ -4,17 +4,25 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+import rapidjson
 
 from fleetserve.server.errors import ErrorKind, InvalidArgument
-from fleetserve.server.json_codec import decode_request, encode_response, error_body
+from fleetserve.server.json_codec import (
+    decode_feedback,
+    decode_request,
+    encode_response,
+    error_body,
+)
 from fleetserve.server.tensors import array_from_bytes, bytes_of
 from fleetserve.server.types import DTYPES, InferResponse, RequestedOutput
+from tests.helpers import assert_identical
 
 
 def body_of(doc: Any, binary: bytes = b"") -> tuple[bytes, int | None]:
@@ -157,9 +165,9 @@ def test_bad_json_data_is_invalid_argument(data, match):
         ({"inputs": [{**X1, "datatype": "fp32"}]}, "unknown datatype 'fp32'"),
         ({"inputs": [{**X1, "datatype": "BF16"}]}, "unknown datatype 'BF16'"),
         ({"inputs": [{**X1, "shape": [True]}]}, "'shape'"),
-        ({"inputs": [{**X1, "shape": [-1]}]}, "'shape'"),
+        ({"inputs": [{**X1, "shape": [-1]}]}, "negative dimension"),
         ({"inputs": [{**X1, "shape": "1"}]}, "'shape'"),
-        ({"inputs": [{**X1, "shape": [2**31]}]}, "'shape'"),
+        ({"inputs": [{**X1, "shape": [2**31]}]}, "needs 2147483648 elements"),
         ({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1]}]},
          "neither 'data' nor binary_data_size"),
         ({"inputs": [X1, X1]}, "'X' appears twice"),
@@ -518,3 +526,166 @@ def test_decode_then_encode_round_trips_binary_bytes():
 
 def test_error_body_is_the_protocol_error_object():
     assert orjson.loads(error_body('bad "thing"')) == {"error": 'bad "thing"'}
+
+
+# ---------------------------------------------------------------------------------------
+# shapes numpy cannot build, messages, nesting, NaN and infinities
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ([1] * 65, "shape has 65 dimensions, at most 64"),
+        ([2147483647, 2147483647, 2147483647, 0], "shape .* is too large"),
+        ([4611686018427387904, 0], "shape .* is too large"),
+        ([2**61, 0], "shape .* is too large"),  # 2**63 bytes of FP32: one past numpy's limit
+    ],
+    ids=["65-dims", "int32-max-cubed", "2**62", "2**63-bytes"],
+)
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_shape_numpy_cannot_build_is_invalid_argument_naming_the_input(shape, match, binary):
+    size = 0 if 0 in shape else 4
+    item = {"name": "X", "datatype": "FP32", "shape": shape}
+    if binary:
+        doc = {"inputs": [{**item, "parameters": {"binary_data_size": size}}]}
+        with invalid(f"input 'X': {match}"):
+            decode(doc, b"\0" * size if size else b"")
+    else:
+        with invalid(f"input 'X': {match}"):
+            decode({"inputs": [{**item, "data": [1.0] * (size // 4)}]})
+
+
+def test_shapes_at_numpy_limits_still_decode():
+    deep = decode({"inputs": [{"name": "X", "datatype": "INT8", "shape": [1] * 64, "data": [7]}]})
+    assert deep.inputs["X"].shape == (1,) * 64
+    empty = {"name": "E", "datatype": "FP32", "shape": [(2**63 - 1) // 4, 0], "data": []}
+    assert decode({"inputs": [empty]}).inputs["E"].shape == ((2**63 - 1) // 4, 0)
+
+
+def test_truth_tensor_shape_numpy_cannot_build_is_invalid_argument():
+    body = orjson.dumps(
+        {"id": "r", "truth": [{"name": "T", "datatype": "BYTES", "shape": [2**61, 0], "data": []}]}
+    )
+    with invalid("truth tensor 'T': shape .* is too large"):
+        decode_feedback(body, "m")
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "shown"),
+    [
+        ("BOOL", b'["a"]', "got values such as 'a'"),
+        ("INT64", b"[18446744073709551616]", "got values such as 1.8446744073709552e+19"),
+        ("INT32", b"[1, 2.5]", "got values such as 2.5"),
+        ("INT8", b"[true]", "got values such as True"),
+    ],
+)
+def test_refused_values_are_shown_as_plain_values_not_numpy_reprs(datatype, data, shown):
+    body = b'{"inputs": [{"name": "X", "datatype": "%s", "shape": [%d], "data": %s}]}' % (
+        datatype.encode(),
+        len(orjson.loads(data)),
+        data,
+    )
+    with invalid(re.escape(shown)) as info:
+        decode_request(body, None, "m", None)
+    assert "np." not in info.value.message
+
+
+DEEP = 1000  # deeper than Python's repr can go (its recursion limit), within orjson's reach
+
+
+def nested_object(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        b'{"inputs": [{"name": "X", "datatype": %s, "shape": [1], "data": [1]}]}',
+        b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [%s]}]}',
+        b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": %s}]}',
+        b'{"inputs": [{"name": "X", "datatype": "BYTES", "shape": [1], "data": [%s]}]}',
+    ],
+    ids=["datatype", "data-element", "data", "bytes-element"],
+)
+def test_values_nested_past_the_recursion_limit_are_invalid_argument(template):
+    with invalid("an object"):
+        decode_request(template % nested_object(DEEP), None, "m", None)
+
+
+def test_metadata_nested_deeper_than_orjson_writes_is_invalid_argument():
+    ok = b'{"id": "r", "label": 1, "metadata": %s}' % nested_object(254)
+    assert decode_feedback(ok, "m").metadata is not None
+    with invalid("'metadata' is limited to 254 levels of nesting"):
+        decode_feedback(b'{"id": "r", "label": 1, "metadata": %s}' % nested_object(255), "m")
+
+
+def test_body_nested_deeper_than_orjson_reads_names_the_depth():
+    body = b'{"inputs": [{"name": "X", "data": %s}]}' % (b"[" * 1100 + b"]" * 1100)
+    with invalid("request body nests JSON more than 1024 levels deep"):
+        decode_request(body, None, "m", None)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_nan_and_infinity_tokens_are_read_as_numbers_as_triton_reads_them(datatype):
+    body = b'{"inputs": [{"name": "X", "datatype": "%s", "shape": [2, 2], ' % datatype.encode()
+    body += b'"data": [NaN, Infinity, -Infinity, 1.5]}], "id": "NaN Infinity"}'
+    req = decode_request(body, None, "m", None)
+    x = req.inputs["X"]
+    assert x.dtype == DTYPES[datatype] and x.shape == (2, 2)
+    assert np.isnan(x[0, 0]) and x[0, 1] == np.inf and x[1, 0] == -np.inf and x[1, 1] == 1.5
+    assert req.id == "NaN Infinity"
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"[NaN, 1e400]", "out of range"),  # orjson refuses numbers past double range too
+        (b'[NaN], "id": "\\ud800"', "surrogates"),  # and lone surrogates
+        (b"[NaN", "malformed JSON"),
+        (b"[NaN, 1" + b"0" * 5000 + b"]", "out of range"),  # no 4300-digit limit message
+    ],
+    ids=["1e400", "lone-surrogate", "truncated", "5000-digits"],
+)
+def test_bodies_with_nan_are_refused_where_orjson_refuses_them(data, match):
+    body = b'{"inputs": [{"name": "X", "datatype": "FP64", "shape": [2], "data": %s}]}' % data
+    with invalid(match):
+        decode_request(body, None, "m", None)
+
+
+def test_integers_beyond_64_bits_read_as_floats_beside_nan_as_orjson_reads_them():
+    body = b'{"inputs": [{"name": "X", "datatype": "UINT64", "shape": [2], '
+    body += b'"data": [18446744073709551615, 18446744073709551616]}], "parameters": {"n": NaN}}'
+    with invalid(re.escape("got values such as 1.8446744073709552e+19")):
+        decode_request(body, None, "m", None)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_non_finite_outputs_are_written_as_triton_writes_them(dtype):
+    finfo = np.finfo(dtype)
+    out = np.array([[np.nan, np.inf, -np.inf], [finfo.max, -0.0, finfo.tiny]], dtype=dtype)
+    text = bytes_tensor([b"null", b"NaN"])
+    payload, length = encode_response(
+        response({"Y": out, "S": text}, id="null"), binary_default=False
+    )
+    assert length is None
+    assert b"[NaN,Infinity,-Infinity," in payload and b"null" in payload  # the text's "null"
+    doc = rapidjson.loads(payload)  # tritonclient.http's parser
+    y, s = doc["outputs"]
+    assert_identical(np.array(y["data"], dtype=dtype).reshape(y["shape"]), out)
+    assert s["data"] == ["null", "NaN"] and doc["id"] == "null"
+
+
+def test_finite_outputs_are_written_by_orjson_alone():
+    out = np.array([0.1, -0.0, 3.4028235e38], dtype=np.float32)
+    payload, _ = encode_response(response({"Y": out}), binary_default=False)
+    assert payload == orjson.dumps(
+        {"model_name": "m", "model_version": "3",
+         "outputs": [{"name": "Y", "datatype": "FP32", "shape": [3], "data": out}]},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("label", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_feedback_label_is_invalid_argument_not_stored_as_null(label):
+    with invalid("'label' must be a string .*, finite number or boolean"):
+        decode_feedback(b'{"id": "r", "label": %s}' % label, "m")

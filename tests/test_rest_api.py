@@ -12,6 +12,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -20,7 +21,17 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import NUMPY, assert_identical, mlp_input, ort_run, raw_bytes, split_bytes
+from fleetserve.loaders import testing
+from tests.conftest import start_server, stop_server, test_settings
+from tests.helpers import (
+    NUMPY,
+    assert_identical,
+    extremes,
+    mlp_input,
+    ort_run,
+    raw_bytes,
+    split_bytes,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -553,7 +564,7 @@ def mlp_doc(**changes: Any) -> dict:
                      id="shape-mismatch"),
         pytest.param(orjson.dumps(mlp_doc(data=[0.5] * 15)), "needs 16 elements, data has 15",
                      id="element-count"),
-        pytest.param(orjson.dumps(mlp_doc(shape=[1, -16])), "'shape'", id="negative-dim"),
+        pytest.param(orjson.dumps(mlp_doc(shape=[1, -16])), "negative dim", id="negative-dim"),
         pytest.param(orjson.dumps(mlp_doc(data=["a"] * 16)), "not valid FP32", id="text-as-fp32"),
         pytest.param(orjson.dumps(mlp_doc(name="NOPE")), "missing input(s) INPUT0",
                      id="misnamed-input"),
@@ -959,3 +970,192 @@ def test_many_concurrent_requests_get_their_own_results(server, repo):
             out = {o["name"]: np.array(o["data"], dtype=np.int32) for o in got["outputs"]}
             np.testing.assert_array_equal(out["OUTPUT0"], (a + b).ravel())
             np.testing.assert_array_equal(out["OUTPUT1"], (a - b).ravel())
+
+
+# ---------------------------------------------------------------------------------------
+# client input that must be a 4xx naming the problem, never a 500 (raw bodies, aiohttp)
+
+
+def post_raw(server: Any, path: str, body: bytes, headers: dict | None = None) -> Reply:
+    """POST `body` as it is, with aiohttp (no client-side JSON encoding)."""
+
+    async def main() -> Reply:
+        async with aiohttp.ClientSession() as http:
+            url = server.http_url + path
+            async with http.request("POST", url, data=body, headers=headers) as r:
+                return Reply(r.status, r.headers, await r.read())
+
+    return asyncio.run(main())
+
+
+def put_raw(server: Any, path: str, body: bytes) -> Reply:
+    async def main() -> Reply:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.put(server.http_url + path, data=body) as r,
+        ):
+            return Reply(r.status, r.headers, await r.read())
+
+    return asyncio.run(main())
+
+
+HUGE_SHAPES = {
+    "65-dims": ([1] * 65, "shape has 65 dimensions, at most 64 are supported"),
+    "int32-max-cubed": ([2147483647, 2147483647, 2147483647, 0], "is too large"),
+    "2**62": ([4611686018427387904, 0], "is too large"),
+}
+
+
+@pytest.mark.parametrize("model", ["mlp", "no_such_model"])
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("shape", list(HUGE_SHAPES))
+def test_shape_numpy_cannot_build_is_400_naming_the_input(server, model, binary, shape):
+    dims, problem = HUGE_SHAPES[shape]
+    size = 0 if 0 in dims else 4
+    entry: dict[str, Any] = {"name": "INPUT0", "datatype": "FP32", "shape": dims}
+    if binary:
+        entry["parameters"] = {"binary_data_size": size}
+        header = orjson.dumps({"inputs": [entry]})
+        reply = post_raw(
+            server, infer_path(model), header + b"\0" * size, {HEADER_LENGTH: str(len(header))}
+        )
+    else:
+        entry["data"] = [1.0] * (size // 4)
+        reply = post_raw(server, infer_path(model), orjson.dumps({"inputs": [entry]}))
+    assert reply.status == 400, reply.body[:300]
+    assert reply.headers["Content-Type"] == "application/json"
+    assert reply.error().startswith("input 'INPUT0': ") and problem in reply.error()
+
+
+@pytest.mark.parametrize("binary", [None, True], ids=["json", "json-and-binary"])
+def test_requesting_an_output_twice_is_400_naming_it(server, binary):
+    a, b = simple_inputs(1, seed=3)
+    second = {"name": "OUTPUT0"} if binary is None else {"name": "OUTPUT0", "parameters": {
+        "binary_data": True}}  # fmt: skip
+    doc = {"inputs": simple_json_inputs(a, b), "outputs": [{"name": "OUTPUT0"}, second]}
+    reply = post_raw(server, infer_path("simple"), orjson.dumps(doc))
+    assert reply.status == 400, reply.body[:300]
+    assert reply.error() == "output 'OUTPUT0' is requested more than once"
+
+
+def test_requesting_distinct_outputs_still_answers_each_once(server):
+    a, b = simple_inputs(1, seed=3)
+    doc = {
+        "inputs": simple_json_inputs(a, b),
+        "outputs": [{"name": "OUTPUT1"}, {"name": "OUTPUT0"}],
+    }
+    _, arrays = response_arrays(post_raw(server, infer_path("simple"), orjson.dumps(doc)))
+    assert list(arrays) == ["OUTPUT1", "OUTPUT0"]
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "shown"),
+    [
+        ("identity_bool", b'["a", "b", "c", "d", "e", "f", "g", "h"]', "got values such as 'a'"),
+        ("identity_int64", b"[18446744073709551616, 1, 2, 3, 4, 5, 6, 7]",
+         "got values such as 1.8446744073709552e+19"),
+    ],
+)  # fmt: skip
+def test_a_refused_value_is_shown_as_sent_not_as_a_numpy_repr(server, model, data, shown):
+    datatype = model.removeprefix("identity_").upper().encode()
+    body = b'{"inputs": [{"name": "INPUT0", "datatype": "%s", "shape": [2, 4], "data": %s}]}'
+    reply = post_raw(server, infer_path(model), body % (datatype, data))
+    assert reply.status == 400
+    assert shown in reply.error() and "np." not in reply.error()
+
+
+def nested(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        b'{"inputs": [{"name": "INPUT0", "datatype": %s, "shape": [1, 16], "data": []}]}',
+        b'{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [%s]}]}',
+        b'{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": ['
+        + b"1," * 15 + b'1]}], "parameters": {"timeout": %s}}',
+    ],
+    ids=["datatype", "data", "timeout-parameter"],
+)  # fmt: skip
+def test_a_value_nested_past_the_recursion_limit_is_400(server, template):
+    reply = post_raw(server, infer_path("mlp"), template % nested(1000))
+    assert reply.status == 400, reply.body[:300]
+    assert "an object" in reply.error()
+
+
+def test_feedback_metadata_nested_deeper_than_the_server_stores_is_400(server):
+    body = b'{"id": "r1", "label": 1, "metadata": %s}'
+    reply = post_raw(server, "/v2/models/mlp/feedback", body % nested(255))
+    assert reply.status == 400, reply.body[:300]
+    assert reply.error() == "'metadata' is limited to 254 levels of nesting"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/models/mlp/infer"),
+        ("POST", "/v2/models/mlp/feedback"),
+        ("POST", "/v2/repository/index"),
+        ("POST", "/v2/repository/models/mlp/load"),
+        ("POST", "/v2/repository/models/mlp/unload"),
+        ("PUT", "/v2/admin/models/mlp/routing"),
+    ],
+)
+def test_every_json_route_names_nesting_past_the_parser_depth(server, method, path):
+    body = b'{"parameters": ' + b"[" * 1100 + b"]" * 1100 + b"}"
+    reply = (post_raw if method == "POST" else put_raw)(server, path, body)
+    assert reply.status == 400, reply.body[:300]
+    assert reply.error().endswith("nests JSON more than 1024 levels deep")
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_nan_and_infinities_round_trip_as_json_through_tritonclient(server, datatype):
+    """tritonclient.http writes NaN, Infinity and -Infinity in JSON and reads them back
+    (python-rapidjson); the server reads and writes them as Triton does."""
+    import tritonclient.http as httpclient
+
+    x = extremes(datatype)  # with inf, -inf and NaN
+    with httpclient.InferenceServerClient(server.http) as client:
+        tensor = httpclient.InferInput("INPUT0", list(x.shape), datatype)
+        tensor.set_data_from_numpy(x, binary_data=False)
+        wanted = httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)
+        result = client.infer(f"identity_{datatype.lower()}", [tensor], outputs=[wanted])
+    assert "binary_data_size" not in (result.get_output("OUTPUT0").get("parameters") or {})
+    assert_identical(result.as_numpy("OUTPUT0"), x)
+
+
+# a repository whose models fail on files the server cannot read, to see what the errors say
+
+
+@pytest.fixture(scope="module")
+def unreadable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    root = tmp_path_factory.mktemp("unreadable")
+    testing.write_model(root, "cfgdir", testing.mlp(), version=1)
+    (root / "cfgdir" / "config.pbtxt").mkdir()  # a directory where the config should be
+    (root / "nofile" / "1").mkdir(parents=True)  # a version without its model file
+    testing.write_model(root, "nowarmup", testing.mlp(), config=(
+        'model_warmup [ { name: "w" batch_size: 1 inputs { key: "INPUT0" value: {'
+        ' data_type: TYPE_FP32 dims: [ 16 ] input_data_file: "missing.bin" } } } ]'))  # fmt: skip
+    running = start_server(test_settings(root, preload=False))
+    yield running, root
+    stop_server(running)
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("cfgdir", "model 'cfgdir': cannot read config.pbtxt: Is a directory"),
+        ("nofile", "cannot read its model file: No such file or directory"),
+        ("nowarmup", "cannot read 'missing.bin': No such file or directory"),
+    ],
+)
+def test_file_errors_name_the_model_and_file_but_no_server_path(unreadable, model, reason):
+    running, root = unreadable
+    x = json_input("INPUT0", mlp_input(1), "FP32")
+    reply = post_raw(running, infer_path(model), orjson.dumps({"inputs": [x]}))
+    assert reply.status in (400, 503), reply.body[:300]
+    assert reason in reply.error()
+    index = post_raw(running, "/v2/repository/index", b"")
+    for body in (reply.body, index.body):
+        assert str(root).encode() not in body and b"Errno" not in body
