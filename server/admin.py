@@ -19,7 +19,6 @@ import ipaddress
 import json
 import logging
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -39,17 +38,12 @@ from fleetserve.server.errors import (
     Unauthenticated,
     Unavailable,
 )
-from fleetserve.server.files import (
-    flush_file,
-    fsync_directory,
-    publish,
-    retire,
-    write_atomically,
-)
+from fleetserve.server.files import flush_file, retire, write_atomically
 from fleetserve.server.repository import ModelEntry, Repository, Snapshot, check_model_name
 from fleetserve.server.router import Router
 from fleetserve.server.routing import Routing, RoutingStore, if_match, parse_routing
 from fleetserve.server.settings import Settings
+from fleetserve.server.staging import deleted_dir, install, sweep, upload_dir
 from fleetserve.server.types import ModelId, ModelState
 from fleetserve.server.versions import parse_version
 
@@ -171,9 +165,10 @@ class AdminService:
         authorize(self._token, address, authorization, host, origin)
 
     async def restore(self) -> list[ModelId]:
-        """Routing and pins as the last run left them (server start); returns the pinned
-        versions, for the caller to load."""
+        """Routing and pins as the last run left them, and its staging leftovers swept
+        (server start); returns the pinned versions, for the caller to load."""
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, sweep, self._repository.root)
         routes = await loop.run_in_executor(self._executor, self._store.load)
         pinned = []
         for name, routing in routes.items():
@@ -394,13 +389,12 @@ class AdminService:
                     f"{entry.error} (send a corrected config.pbtxt with the upload)"
                 )
             serving = new_config or (entry.config if entry else None) or ModelConfig(name)
-            tag = f"{number}-{uuid.uuid4().hex[:8]}"
+            model_dir = self._repository.root / name
+            staging = upload_dir(model_dir, number, new_model=entry is None)
             if entry is None:  # a new model: staged whole, published by one rename
-                staging = self._repository.root / f".upload-{name}-{tag}"
-                target, version_dir = self._repository.root / name, staging / str(number)
+                target, version_dir = model_dir, staging / str(number)
             else:
-                staging = entry.path / f".upload-{tag}"
-                target, version_dir = entry.path / str(number), staging
+                target, version_dir = model_dir / str(number), staging
             path = version_dir / serving.default_model_filename
             loop = asyncio.get_running_loop()
             try:
@@ -409,7 +403,7 @@ class AdminService:
                     self._load_pool, self._trial_load, model_id, serving, path
                 )
                 await loop.run_in_executor(
-                    self._executor, _install, staging, target, version_dir, config
+                    self._executor, install, staging, target, version_dir, config
                 )
             finally:
                 await loop.run_in_executor(self._executor, shutil.rmtree, staging, True)
@@ -521,7 +515,7 @@ class AdminService:
             self._unrouted(name, number, "deleting")
             # disappear first (new requests go elsewhere, nothing reloads it), then drain:
             # the requests already on it finish there
-            gone = entry.path / f".deleted-{number}-{uuid.uuid4().hex[:8]}"
+            gone = deleted_dir(entry.path, number)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, retire, entry.path / str(number), gone)
             await self.rescan(fresh=(name,))
@@ -612,27 +606,6 @@ def _version_number(text: str) -> int:
     if number is None or number < 1:
         raise InvalidArgument(f"invalid version {text[:40]!r}: a positive integer")
     return number
-
-
-def _install(staging: Path, target: Path, version_dir: Path, config: str | None) -> None:
-    """Publish a staged upload (file I/O: off the loop). A new model's directory is
-    staged whole, its config inside, and appears with one rename; for an existing model
-    the version is renamed into place, then its config replaced (a failed replacement
-    takes the version away again, leaving the model as it was)."""
-    new_model = version_dir != staging
-    if new_model:
-        if config is not None:
-            write_atomically(staging / CONFIG_FILENAME, config.encode())
-        fsync_directory(version_dir)
-        publish(staging, target)
-        return
-    publish(staging, target)
-    if config is not None:
-        try:
-            write_atomically(target.parent / CONFIG_FILENAME, config.encode())
-        except BaseException:
-            retire(target, staging)
-            raise
 
 
 @dataclass(slots=True)
