@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleetserve.loaders.base import LoadError
-from fleetserve.loaders.registry import loader_class
-from fleetserve.server.cache import ModelCache, checked_config
+from fleetserve.server.cache import ModelCache
 from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, parse_model_config
 from fleetserve.server.errors import (
     AlreadyExists,
@@ -142,7 +141,6 @@ class AdminService:
         router: Router,
         settings: Settings,
         executor: Executor,  # file I/O: rescans, uploads, the routing file
-        load_pool: Executor,  # trial loads of uploaded models
     ) -> None:
         self._repository = repository
         self._cache = cache
@@ -150,7 +148,6 @@ class AdminService:
         self._settings = settings
         self._token = settings.admin_token
         self._executor = executor
-        self._load_pool = load_pool
         self._store = RoutingStore(settings.state_dir)
         self._store_lock = asyncio.Lock()  # routing writes, in order
         self._locks: dict[str, _Held] = {}  # one change of a model at a time
@@ -165,10 +162,13 @@ class AdminService:
         authorize(self._token, address, authorization, host, origin)
 
     async def restore(self) -> list[ModelId]:
-        """Routing and pins as the last run left them, and its staging leftovers swept
-        (server start); returns the pinned versions, for the caller to load."""
+        """Routing and pins as the last run left them (server start), and a sweep of its
+        staging leftovers started; returns the pinned versions, for the caller to load."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, sweep, self._repository.root)
+        # in the background: it lists every model directory (~17 us each), and it never
+        # takes what an upload is writing now (far younger than its minimum age)
+        sweeping = loop.run_in_executor(self._executor, sweep, self._repository.root)
+        sweeping.add_done_callback(_swept)
         routes = await loop.run_in_executor(self._executor, self._store.load)
         pinned = []
         for name, routing in routes.items():
@@ -399,9 +399,12 @@ class AdminService:
             loop = asyncio.get_running_loop()
             try:
                 size = await self._receive(body, path)
-                await loop.run_in_executor(
-                    self._load_pool, self._trial_load, model_id, serving, path
-                )
+                try:
+                    await self._cache.trial(model_id, serving, path)
+                except LoadError as exc:
+                    raise InvalidArgument(
+                        f"the uploaded file is not a loadable model: {exc}"
+                    ) from None
                 await loop.run_in_executor(
                     self._executor, install, staging, target, version_dir, config
                 )
@@ -434,19 +437,6 @@ class AdminService:
         finally:
             await loop.run_in_executor(self._executor, f.close)
         return size
-
-    def _trial_load(self, model_id: ModelId, config: ModelConfig, path: Path) -> None:
-        """Load the uploaded file once (in the load pool), check it against the config it
-        will serve with, and drop it: refuse what could not serve."""
-        options = config.load_options(self._settings)
-        try:
-            model = loader_class(config.platform)(path, options).load()
-        except LoadError as exc:
-            raise InvalidArgument(f"the uploaded file is not a loadable model: {exc}") from None
-        try:
-            checked_config(model_id, config, model, self._settings)
-        finally:
-            model.unload()
 
     @staticmethod
     def _parse_config(name: str, text: str) -> ModelConfig:
@@ -599,6 +589,11 @@ def audit(who: str, action: str, name: str, version: int | None, detail: str = "
     """One line per admin change: who (peer address), what, when (the log's time)."""
     target = name if version is None else f"{name}:{version}"
     _audit.info("admin %s %s by %s%s", action, target, who, f" ({detail})" if detail else "")
+
+
+def _swept(future: asyncio.Future[list[Path]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("sweeping staging leftovers failed", exc_info=future.exception())
 
 
 def _version_number(text: str) -> int:

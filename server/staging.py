@@ -76,10 +76,14 @@ def install(staging: Path, target: Path, version_dir: Path, config: str | None) 
 def sweep(root: Path, min_age_s: float = SWEEP_MIN_AGE_S) -> list[Path]:
     """Remove the staging leftovers of the repository at `root` that are older than
     `min_age_s` (their newest file); returns what was removed, each logged."""
-    found = [p for p in _children(root) if NEW_MODEL.fullmatch(p.name)]
-    for model_dir in _children(root):
-        if not model_dir.name.startswith(".") and _is_dir(model_dir):
-            found += [p for p in _children(model_dir) if IN_MODEL.fullmatch(p.name)]
+    found = []
+    for entry in _entries(root):
+        if entry.name.startswith("."):
+            if NEW_MODEL.fullmatch(entry.name):
+                found.append(Path(entry.path))
+        elif entry.is_dir(follow_symlinks=False):
+            inner = _entries(Path(entry.path))
+            found += [Path(e.path) for e in inner if IN_MODEL.fullmatch(e.name)]
     removed = []
     for path in found:
         try:
@@ -104,9 +108,10 @@ def _is_dir(path: Path) -> bool:
     return not path.is_symlink() and path.is_dir()
 
 
-def _children(directory: Path) -> list[Path]:
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
     try:
-        return list(directory.iterdir())
+        with os.scandir(directory) as entries:
+            return list(entries)
     except OSError:
         return []
 
