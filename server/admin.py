@@ -19,7 +19,6 @@ import ipaddress
 import json
 import logging
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -27,8 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleetserve.loaders.base import LoadError
-from fleetserve.loaders.registry import loader_class
-from fleetserve.server.cache import ModelCache, checked_config
+from fleetserve.server.cache import ModelCache
 from fleetserve.server.config import CONFIG_FILENAME, ModelConfig, parse_model_config
 from fleetserve.server.errors import (
     AlreadyExists,
@@ -39,17 +37,12 @@ from fleetserve.server.errors import (
     Unauthenticated,
     Unavailable,
 )
-from fleetserve.server.files import (
-    flush_file,
-    fsync_directory,
-    publish,
-    retire,
-    write_atomically,
-)
+from fleetserve.server.files import flush_file, retire, write_atomically
 from fleetserve.server.repository import ModelEntry, Repository, Snapshot, check_model_name
 from fleetserve.server.router import Router
 from fleetserve.server.routing import Routing, RoutingStore, if_match, parse_routing
 from fleetserve.server.settings import Settings
+from fleetserve.server.staging import deleted_dir, install, sweep, upload_dir
 from fleetserve.server.types import ModelId, ModelState
 from fleetserve.server.versions import parse_version
 
@@ -148,7 +141,6 @@ class AdminService:
         router: Router,
         settings: Settings,
         executor: Executor,  # file I/O: rescans, uploads, the routing file
-        load_pool: Executor,  # trial loads of uploaded models
     ) -> None:
         self._repository = repository
         self._cache = cache
@@ -156,7 +148,6 @@ class AdminService:
         self._settings = settings
         self._token = settings.admin_token
         self._executor = executor
-        self._load_pool = load_pool
         self._store = RoutingStore(settings.state_dir)
         self._store_lock = asyncio.Lock()  # routing writes, in order
         self._locks: dict[str, _Held] = {}  # one change of a model at a time
@@ -171,9 +162,13 @@ class AdminService:
         authorize(self._token, address, authorization, host, origin)
 
     async def restore(self) -> list[ModelId]:
-        """Routing and pins as the last run left them (server start); returns the pinned
-        versions, for the caller to load."""
+        """Routing and pins as the last run left them (server start), and a sweep of its
+        staging leftovers started; returns the pinned versions, for the caller to load."""
         loop = asyncio.get_running_loop()
+        # in the background: it lists every model directory (~17 us each), and it never
+        # takes what an upload is writing now (far younger than its minimum age)
+        sweeping = loop.run_in_executor(self._executor, sweep, self._repository.root)
+        sweeping.add_done_callback(_swept)
         routes = await loop.run_in_executor(self._executor, self._store.load)
         pinned = []
         for name, routing in routes.items():
@@ -394,22 +389,24 @@ class AdminService:
                     f"{entry.error} (send a corrected config.pbtxt with the upload)"
                 )
             serving = new_config or (entry.config if entry else None) or ModelConfig(name)
-            tag = f"{number}-{uuid.uuid4().hex[:8]}"
+            model_dir = self._repository.root / name
+            staging = upload_dir(model_dir, number, new_model=entry is None)
             if entry is None:  # a new model: staged whole, published by one rename
-                staging = self._repository.root / f".upload-{name}-{tag}"
-                target, version_dir = self._repository.root / name, staging / str(number)
+                target, version_dir = model_dir, staging / str(number)
             else:
-                staging = entry.path / f".upload-{tag}"
-                target, version_dir = entry.path / str(number), staging
+                target, version_dir = model_dir / str(number), staging
             path = version_dir / serving.default_model_filename
             loop = asyncio.get_running_loop()
             try:
                 size = await self._receive(body, path)
+                try:
+                    await self._cache.trial(model_id, serving, path)
+                except LoadError as exc:
+                    raise InvalidArgument(
+                        f"the uploaded file is not a loadable model: {exc}"
+                    ) from None
                 await loop.run_in_executor(
-                    self._load_pool, self._trial_load, model_id, serving, path
-                )
-                await loop.run_in_executor(
-                    self._executor, _install, staging, target, version_dir, config
+                    self._executor, install, staging, target, version_dir, config
                 )
             finally:
                 await loop.run_in_executor(self._executor, shutil.rmtree, staging, True)
@@ -440,19 +437,6 @@ class AdminService:
         finally:
             await loop.run_in_executor(self._executor, f.close)
         return size
-
-    def _trial_load(self, model_id: ModelId, config: ModelConfig, path: Path) -> None:
-        """Load the uploaded file once (in the load pool), check it against the config it
-        will serve with, and drop it: refuse what could not serve."""
-        options = config.load_options(self._settings)
-        try:
-            model = loader_class(config.platform)(path, options).load()
-        except LoadError as exc:
-            raise InvalidArgument(f"the uploaded file is not a loadable model: {exc}") from None
-        try:
-            checked_config(model_id, config, model, self._settings)
-        finally:
-            model.unload()
 
     @staticmethod
     def _parse_config(name: str, text: str) -> ModelConfig:
@@ -521,7 +505,7 @@ class AdminService:
             self._unrouted(name, number, "deleting")
             # disappear first (new requests go elsewhere, nothing reloads it), then drain:
             # the requests already on it finish there
-            gone = entry.path / f".deleted-{number}-{uuid.uuid4().hex[:8]}"
+            gone = deleted_dir(entry.path, number)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, retire, entry.path / str(number), gone)
             await self.rescan(fresh=(name,))
@@ -607,32 +591,16 @@ def audit(who: str, action: str, name: str, version: int | None, detail: str = "
     _audit.info("admin %s %s by %s%s", action, target, who, f" ({detail})" if detail else "")
 
 
+def _swept(future: asyncio.Future[list[Path]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("sweeping staging leftovers failed", exc_info=future.exception())
+
+
 def _version_number(text: str) -> int:
     number = parse_version(text)
     if number is None or number < 1:
         raise InvalidArgument(f"invalid version {text[:40]!r}: a positive integer")
     return number
-
-
-def _install(staging: Path, target: Path, version_dir: Path, config: str | None) -> None:
-    """Publish a staged upload (file I/O: off the loop). A new model's directory is
-    staged whole, its config inside, and appears with one rename; for an existing model
-    the version is renamed into place, then its config replaced (a failed replacement
-    takes the version away again, leaving the model as it was)."""
-    new_model = version_dir != staging
-    if new_model:
-        if config is not None:
-            write_atomically(staging / CONFIG_FILENAME, config.encode())
-        fsync_directory(version_dir)
-        publish(staging, target)
-        return
-    publish(staging, target)
-    if config is not None:
-        try:
-            write_atomically(target.parent / CONFIG_FILENAME, config.encode())
-        except BaseException:
-            retire(target, staging)
-            raise
 
 
 @dataclass(slots=True)

@@ -101,9 +101,7 @@ class App:
         )  # fmt: skip
         self.metrics.queue_depths(self.service.queue_depths)
         self.metrics.triton.watch(cache.loaded)
-        self.admin = AdminService(
-            self.repository, self.cache, self.router, s, self.repository_pool, self.load_pool
-        )
+        self.admin = AdminService(self.repository, self.cache, self.router, s, self.repository_pool)
         # runtimes' one-time start-up, so it is not counted as the first model's size
         await asyncio.get_running_loop().run_in_executor(self.load_pool, warm_up_all)
         names = self.repository.scan()

@@ -7,6 +7,11 @@ load never starves inference. `unload()` marks the version DRAINING, waits for i
 leases to reach zero (bounded), then frees it off the loop: a request never loses
 its model under it.
 
+Under a memory budget the books (loaded sizes plus reservations of loads in flight)
+never exceed it: a load reserves room first, setting idle versions aside (out of
+service, still in memory) and freeing them only once it has loaded, so a load that
+fails gives them back. Sizes are measured one load at a time (`memory.py`).
+
 Unloaded on request (Triton's unload) is a version's own state, kept here on its slot:
 such a version is out of service (requests get UNAVAILABLE naming the unload) until an
 explicit `load()`; only versions never unloaded load lazily on first use. An eviction or
@@ -17,18 +22,18 @@ state lives in memory only: a restart clears it, as Triton's does.
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import functools
 import logging
-import os
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fleetserve.loaders.base import ESTIMATE_FACTOR, LoadedModel, Loader, LoadError, TensorSig
+from fleetserve.loaders.base import LoadedModel, Loader, LoadError
+from fleetserve.loaders.registry import loader_class
 from fleetserve.server.config import BatchPolicy, ModelConfig
 from fleetserve.server.errors import (
     Internal,
@@ -39,11 +44,13 @@ from fleetserve.server.errors import (
     Unavailable,
 )
 from fleetserve.server.eviction import POLICIES, Candidate
+from fleetserve.server.memory import MemorySection
 from fleetserve.server.metrics import Metrics
 from fleetserve.server.repository import Repository
 from fleetserve.server.settings import Settings
+from fleetserve.server.signature import checked_config
 from fleetserve.server.stats import ModelStats
-from fleetserve.server.types import ModelId, ModelState, TensorSpec, datatype_of
+from fleetserve.server.types import ModelId, ModelState, TensorSpec
 from fleetserve.server.warmup import warm_up
 
 log = logging.getLogger(__name__)
@@ -66,7 +73,7 @@ class Servable:
     batcher: Any = None  # its Batcher, made by the inference core on first use
     pinned: bool = False  # never evicted (config parameter "pinned")
     size_bytes: int = 0  # what it counts against the budget: measured, else estimated
-    size_measured: int | None = None  # resident memory growth around the load, when reliable
+    size_measured: int | None = None  # bytes allocated by its load and warm-up (memory.py)
     size_estimated: int = 0  # the loader's guess before loading
     load_seconds: float = 0.0
     last_used: int = 0  # the cache's use counter at its last lease (for eviction)
@@ -103,6 +110,9 @@ class Slot:
     error: ServerError | None = None  # the last failed load's error, re-raised until retry_at
     waiters: int = 0  # callers awaiting `loading`: the new copy is theirs, not evictable yet
     out_of_service: bool = False  # unloaded on request: no lazy load until an explicit one
+    # the size measured at its last load, with the (size, mtime) of the file it loaded:
+    # a reload of the same file reserves exactly that
+    known_size: tuple[tuple[int, int], int] | None = None
 
 
 class NoRoom(Unavailable):
@@ -132,6 +142,9 @@ class ModelCache:
         self._slots: dict[ModelId, Slot] = {}
         self._pins: set[ModelId] = set()  # pinned at run time (admin API), never evicted
         self._policy = POLICIES[settings.eviction_policy]
+        self._unload_first = settings.reload_policy == "resources"
+        self._memory = MemorySection()
+        self._freeing: set[asyncio.Task[None]] = set()  # victims being freed
         self._budget_bytes = settings.max_loaded_bytes  # 0 = no limit
         self._budget_models = settings.max_loaded_models  # 0 = no limit
         self.used_bytes = 0  # sizes of the loaded versions
@@ -276,11 +289,16 @@ class ModelCache:
 
     async def _load_slot(self, model_id: ModelId, slot: Slot) -> Servable:
         old = slot.servable
+        if old is not None and self._unload_first:  # --reload-policy resources
+            # its requests now wait for the new copy, as for a first load
+            slot.state, slot.servable = ModelState.LOADING, None
+            await self._drain_and_free(old)
+            old = None
         if old is None:
             slot.state, slot.reason = ModelState.LOADING, ""
         started = time.perf_counter()
         try:
-            servable = await self._load(model_id)
+            servable, victims = await self._load(model_id, slot)
         except Exception as error:
             exc = error
             if not isinstance(exc, ServerError):
@@ -305,10 +323,7 @@ class ModelCache:
         slot.state, slot.servable, slot.reason, slot.failures = ModelState.READY, servable, "", 0
         self._uses += 1
         servable.last_used = self._uses
-        self.used_bytes += servable.size_bytes
-        self.loaded_count += 1
-        self._publish_usage()
-        await self._settle_budget()
+        self._free_later(victims, f"evicted for {model_id}")
         elapsed = time.perf_counter() - started
         self._metrics.loads.inc()
         self._metrics.load_seconds.observe(elapsed)
@@ -321,87 +336,140 @@ class ModelCache:
             await self._drain_and_free(old)
         return servable
 
-    async def _load(self, model_id: ModelId) -> Servable:
+    async def _load(self, model_id: ModelId, slot: Slot) -> tuple[Servable, list[Servable]]:
         entry = self._repository.entry(model_id.name)
         if entry.config is None:
             raise InvalidArgument(entry.error)
         if model_id.version not in entry.versions:
             raise NotFound(f"model {model_id.name!r} has no version {model_id.version}")
-        config = entry.config
-        loader = self._repository.loader(model_id, config, self._settings)
-        loop = asyncio.get_running_loop()
+        loader = self._repository.loader(model_id, entry.config, self._settings)
         try:
-            estimate = await loop.run_in_executor(self._load_pool, loader.estimate_bytes)
+            return await self._load_copy(model_id, entry.config, loader, slot)
+        except LoadError as exc:
+            raise Unavailable(f"model {model_id} failed to load: {exc}") from None
+
+    async def trial(self, model_id: ModelId, config: ModelConfig, path: Path) -> None:
+        """Load a file as a load of `model_id` would (memory budget, config check,
+        warm-up), then drop it: the admin API's check of an upload before it is
+        published. The versions set aside to make room come back. LoadError when the
+        file does not load."""
+        loader = loader_class(config.platform)(path, config.load_options(self._settings))
+        servable, victims = await self._load_copy(model_id, config, loader, None)
+        await self._drain_and_free(servable)
+        self._give_back(victims)
+
+    async def _load_copy(
+        self, model_id: ModelId, config: ModelConfig, loader: Loader, slot: Slot | None
+    ) -> tuple[Servable, list[Servable]]:
+        """Load, prepare and count one copy within the budgets; returns it and the idle
+        versions set aside to make room for it, for the caller to free (or give back).
+
+        Whatever needs no memory comes first: the file is read through (a missing or
+        unreadable file sets nothing aside) and its size checked against the whole
+        budget. Room is then made for the best-known size (what this file measured at
+        its last load, else the loader's estimate): idle versions are set aside, out of
+        the books but still in memory, so a load that fails gives them back untouched.
+        The copy loads and warms up alone in the memory section; if it measures more
+        than it reserved, more idle versions make room, or it is dropped (NoRoom). The
+        counted bytes never exceed the budget; the process holds the set-aside versions
+        beside the new copy until the caller frees them.
+        """
+        loop = asyncio.get_running_loop()
+        pool = self._load_pool
+        try:
+            stamp, estimate = await loop.run_in_executor(pool, _stamp_and_estimate, loader)
+            known = slot.known_size if slot is not None else None
+            reserve = known[1] if known is not None and known[0] == stamp else estimate
+            if self._budget_bytes and reserve > self._budget_bytes:
+                raise ResourceExhausted(
+                    f"model {model_id} needs about {reserve} bytes, more than the whole memory "
+                    f"budget of {self._budget_bytes} bytes"
+                )
+            await loop.run_in_executor(pool, loader.prefetch)
         except OSError as exc:
             raise Unavailable(
                 f"model {model_id}: cannot read its model file: {exc.strerror}"
             ) from None
-        victims = self._make_room(model_id, estimate)  # reserves `estimate` until the load ends
+        victims = self._make_room(model_id, reserve, f"no room to load model {model_id}")
+        load = functools.partial(self._load_prepared, model_id, config, loader)
         try:
-            for victim in victims:
-                await loop.run_in_executor(self._load_pool, _free, victim.model)
-            try:
-                model, measured, seconds = await loop.run_in_executor(
-                    self._load_pool, self._timed_load, loader
-                )
-            except LoadError as exc:
-                raise Unavailable(f"model {model_id} failed to load: {exc}") from None
-            try:
-                servable = await loop.run_in_executor(
-                    self._load_pool, self._prepare, model_id, config, model
-                )
-            except ServerError:
-                await loop.run_in_executor(self._load_pool, _free, model)
-                raise
-        finally:
-            self._reserved_bytes -= estimate
-            self._loading -= 1
-        servable.size_estimated, servable.size_measured = estimate, measured
-        # resident growth can hide in memory the allocator reuses: never count less than
-        # the weights on disk
-        on_disk = estimate // ESTIMATE_FACTOR
-        servable.size_bytes = estimate if measured is None else max(measured, on_disk)
-        servable.load_seconds = seconds
-        return servable
+            servable, measured = await loop.run_in_executor(
+                pool, self._memory.measure, f"load of {model_id}", load
+            )
+        except BaseException:
+            self._unreserve(reserve)
+            self._give_back(victims)
+            raise
+        # never less than the file (resident growth, where that is the measure, can hide
+        # in memory the heap reuses)
+        size = reserve if measured is None else max(measured, stamp[0])
+        if slot is not None and measured is not None:
+            slot.known_size = (stamp, size)
+        self._unreserve(reserve)
+        try:  # what it measured, in place of what it reserved
+            victims += self._make_room(
+                model_id, size, f"model {model_id} measured {size} bytes, more than the "
+                f"{reserve} reserved for it, and there is no room for them",
+            )  # fmt: skip
+        except NoRoom:
+            self._give_back(victims)
+            await loop.run_in_executor(pool, self._memory.free, servable.model)
+            raise
+        self._unreserve(size)
+        servable.size_bytes, servable.size_estimated, servable.size_measured = (
+            size, estimate, measured
+        )  # fmt: skip
+        self.used_bytes += size
+        self.loaded_count += 1
+        self._publish_usage()
+        return servable, victims
 
-    def _timed_load(self, loader: Loader) -> tuple[LoadedModel, int | None, float]:
-        """Load, timing it and measuring resident memory growth when no other load runs."""
-        alone = self._loading == 1
-        before = _resident_bytes()
+    def _load_prepared(self, model_id: ModelId, config: ModelConfig, loader: Loader) -> Servable:
+        """Load and prepare one copy (in the load pool, in the memory section)."""
         started = time.perf_counter()
         model = loader.load()
         seconds = time.perf_counter() - started
-        after = _resident_bytes()
-        measured = after - before if alone and before and after >= before else None
-        return model, measured, seconds
+        try:
+            servable = self._prepare(model_id, config, model)
+        except BaseException:
+            model.unload()
+            raise
+        servable.load_seconds = seconds
+        return servable
 
-    def _make_room(self, model_id: ModelId, estimate: int) -> list[Servable]:
-        """Pick and detach the versions to evict for a load of `estimate` bytes, or refuse.
+    def _make_room(self, model_id: ModelId, nbytes: int, why: str) -> list[Servable]:
+        """Reserve `nbytes` and a model for a load, setting aside the idle versions to
+        evict to make room, or refuse (NoRoom, saying `why`).
 
         Synchronous, so no other load can pick the same victims or the same room; the
-        caller unloads the returned victims and releases the reservation when done.
+        caller releases the reservation (`_unreserve`) and frees or gives back the victims.
         """
         budget, max_models = self._budget_bytes, self._budget_models
-        if budget and estimate > budget:
-            raise ResourceExhausted(
-                f"model {model_id} needs about {estimate} bytes, more than the whole memory "
-                f"budget of {budget} bytes"
-            )
-        need_bytes = self.used_bytes + self._reserved_bytes + estimate - budget if budget else 0
+        need_bytes = self.used_bytes + self._reserved_bytes + nbytes - budget if budget else 0
         need_models = self.loaded_count + self._loading + 1 - max_models if max_models else 0
         victims: list[Servable] = []
         if need_bytes > 0 or need_models > 0:
             chosen = self._choose_victims(need_bytes, need_models)
             if sum(s.size_bytes for s in chosen) < need_bytes or len(chosen) < need_models:
+                slot = self._slots.get(model_id)
+                hint = (
+                    "; a reload needs room for both copies (--reload-policy resources frees "
+                    "the old copy first)"
+                    if slot is not None and slot.servable is not None
+                    else ""
+                )
                 raise NoRoom(
-                    f"no room to load model {model_id}: the memory budget is held by models "
-                    "in use, pinned or loading",
+                    f"{why}: the memory budget is held by models in use, pinned or loading" + hint,
                     retry_after=1,
                 )
-            victims = [self._detach(s) for s in chosen]
-        self._reserved_bytes += estimate
+            victims = [self._set_aside(s) for s in chosen]
+        self._reserved_bytes += nbytes
         self._loading += 1
         return victims
+
+    def _unreserve(self, nbytes: int) -> None:
+        self._reserved_bytes -= nbytes
+        self._loading -= 1
 
     def _choose_victims(self, need_bytes: int, need_models: int) -> list[Servable]:
         """What the policy would evict among the idle versions (maybe not enough)."""
@@ -420,27 +488,59 @@ class ModelCache:
         candidates = [Candidate(s.id, s.size_bytes, s.last_used, s.load_seconds) for s in idle]
         return [by_id[i] for i in self._policy(candidates, need_bytes, need_models)]
 
-    async def _settle_budget(self) -> None:
-        """After a load measured more than its estimate: evict idle versions to fit again."""
-        budget, max_models = self._budget_bytes, self._budget_models
-        need_bytes = self.used_bytes + self._reserved_bytes - budget if budget else 0
-        need_models = self.loaded_count + self._loading - max_models if max_models else 0
-        if need_bytes <= 0 and need_models <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        for victim in [self._detach(s) for s in self._choose_victims(need_bytes, need_models)]:
-            await loop.run_in_executor(self._load_pool, _free, victim.model)
-
-    def _detach(self, servable: Servable) -> Servable:
-        """Evict an idle version from the books at once; the caller frees its memory."""
+    def _set_aside(self, servable: Servable) -> Servable:
+        """Take an idle version out of service and off the books at once (to make room);
+        its memory stays until it is freed or given back."""
         slot = self._slots[servable.id]
         slot.servable, slot.state, slot.reason = None, ModelState.UNLOADED, "evicted"
         self.used_bytes -= servable.size_bytes
         self.loaded_count -= 1
-        self._metrics.evictions.inc()
         self._publish_usage()
-        log.info("evicting %s (%d bytes, idle)", servable.id, servable.size_bytes)
         return servable
+
+    def _give_back(self, victims: list[Servable]) -> None:
+        """A load that set versions aside did not keep its room: put back in service
+        those still in memory whose slot is free and that fit; free the others."""
+        lost = []
+        for servable in victims:
+            slot = self._slots[servable.id]
+            untouched = slot.state is ModelState.UNLOADED and slot.reason == "evicted"
+            if (
+                untouched
+                and slot.loading is None
+                and not slot.out_of_service
+                and (self._room_for(servable.size_bytes))
+            ):
+                slot.servable, slot.state, slot.reason = servable, ModelState.READY, ""
+                self.used_bytes += servable.size_bytes
+                self.loaded_count += 1
+            else:
+                lost.append(servable)
+        self._publish_usage()
+        self._free_later(lost, "evicted")
+
+    def _room_for(self, nbytes: int) -> bool:
+        """Would one more version of `nbytes` fit both budgets now, evicting nothing."""
+        budget, max_models = self._budget_bytes, self._budget_models
+        if budget and self.used_bytes + self._reserved_bytes + nbytes > budget:
+            return False
+        return not max_models or self.loaded_count + self._loading < max_models
+
+    def _free_later(self, victims: list[Servable], why: str) -> None:
+        """Free versions already off the books, in a task of their own (their turn in
+        the memory section may wait for a load); `close` waits for them."""
+        for servable in victims:
+            self._metrics.evictions.inc()
+            log.info("%s: %s (%d bytes, idle)", why, servable.id, servable.size_bytes)
+        if victims:
+            task = asyncio.get_running_loop().create_task(self._free_all(victims))
+            self._freeing.add(task)
+            task.add_done_callback(self._freeing.discard)
+
+    async def _free_all(self, victims: list[Servable]) -> None:
+        loop = asyncio.get_running_loop()
+        for servable in victims:
+            await loop.run_in_executor(self._load_pool, self._memory.free, servable.model)
 
     def _publish_usage(self) -> None:
         self._metrics.loaded_models.set(self.loaded_count)
@@ -512,7 +612,9 @@ class ModelCache:
         self.used_bytes -= servable.size_bytes
         self.loaded_count -= 1
         self._publish_usage()
-        await asyncio.get_running_loop().run_in_executor(self._load_pool, _free, servable.model)
+        await asyncio.get_running_loop().run_in_executor(
+            self._load_pool, self._memory.free, servable.model
+        )
 
     async def close(self) -> None:
         """Shutdown: cancel loads in flight, then unload everything."""
@@ -520,89 +622,16 @@ class ModelCache:
         for task in loads:
             task.cancel()
         await asyncio.gather(*loads, return_exceptions=True)
+        await asyncio.gather(*self._freeing, return_exceptions=True)
         for model_id, slot in list(self._slots.items()):
             if slot.state is ModelState.READY:
                 await self.unload(model_id, out_of_service=False)
 
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _malloc_trim() -> Callable[[], object]:
-    """glibc keeps freed heap pages; malloc_trim gives them back (a no-op elsewhere)."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim  # ctypes releases the GIL while it runs
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-_trim_heap = _malloc_trim()
-
-
-def _free(model: LoadedModel) -> None:
-    """Unload a model and return the memory it freed to the OS (runs in the load pool)."""
-    model.unload()
-    _trim_heap()
-
-
-def _resident_bytes() -> int:
-    """This process's resident memory (0 where /proc is not there)."""
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _spec(sig: TensorSig) -> TensorSpec:
-    return TensorSpec(sig.name, datatype_of(sig.dtype), sig.shape)
-
-
-def checked_config(
-    model_id: ModelId, config: ModelConfig, model: LoadedModel, settings: Settings
-) -> ModelConfig:
-    """The config completed from the model's own signature; InvalidArgument naming the
-    tensor where they disagree (loads, and the admin API's trial loads of uploads)."""
-    inputs = [_spec(s) for s in model.inputs]
-    outputs = [_spec(s) for s in model.outputs]
-    config = config.completed(
-        inputs, outputs, settings.default_max_batch_size, settings.dynamic_batching
-    )
-    _check_against_model(model_id, "input", config.inputs, inputs, config.max_batch_size)
-    _check_against_model(model_id, "output", config.outputs, outputs, config.max_batch_size)
-    return config
-
-
-def _check_against_model(
-    model_id: ModelId,
-    what: str,
-    declared: tuple[TensorSpec, ...],
-    actual: list[TensorSpec],
-    max_batch: int,
-) -> None:
-    """A config that disagrees with the model file fails the load, naming the tensor."""
-    by_name = {s.name: s for s in actual}
-    for spec in declared:
-        real = by_name.get(spec.name)
-        if real is None:
-            raise InvalidArgument(
-                f"model {model_id}: config {what} {spec.name!r} is not in the model "
-                f"(it has {', '.join(sorted(by_name))})"
-            )
-        if real.datatype != spec.datatype:
-            raise InvalidArgument(
-                f"model {model_id}: config {what} {spec.name!r} is {spec.datatype}, "
-                f"the model's is {real.datatype}"
-            )
-        shape = ((-1,) if max_batch > 0 else ()) + spec.shape
-        if len(real.shape) != len(shape) or any(
-            r != -1 and d != -1 and r != d for r, d in zip(real.shape, shape, strict=True)
-        ):
-            raise InvalidArgument(
-                f"model {model_id}: config {what} {spec.name!r} has shape {list(shape)} "
-                f"(max_batch_size {max_batch}), the model's is {list(real.shape)}"
-            )
+def _stamp_and_estimate(loader: Loader) -> tuple[tuple[int, int], int]:
+    """The model file's (size, mtime) and the loader's estimate of its loaded size."""
+    stat = loader.path.stat()
+    return (stat.st_size, stat.st_mtime_ns), loader.estimate_bytes()
 
 
 def _time_run(model: LoadedModel, inputs: object) -> float | None:

@@ -159,6 +159,13 @@ class Settings(BaseSettings):
     eviction_policy: Annotated[str, _one_of(POLICIES)] = Field(
         "lru", description="which idle models make room: lru, or cost (reload cost per byte)"
     )
+    reload_policy: Literal["availability", "resources"] = Field(
+        "availability",
+        description="how a loaded version reloads (TF Serving's two policies): availability "
+        "loads the new copy beside the old one, which serves until it is ready (room for "
+        "two copies); resources drains and frees the old copy first (room for one; its "
+        "requests wait for the new copy)",
+    )
     preload: bool = Field(
         False, description="load every servable version at startup (default: on first use)"
     )
@@ -169,7 +176,12 @@ class Settings(BaseSettings):
         "models (0: only on index / load calls); a rescan never unloads a model",
     )
     run_threads: int = Field(2, ge=1, description="threads running models")
-    load_threads: int = Field(2, ge=1, description="threads loading models (parallel loads)")
+    load_threads: int = Field(
+        2,
+        ge=1,
+        description="threads loading models: their file reads overlap, their loads in memory "
+        "take turns (each is measured alone)",
+    )
     intra_op_threads: int = Field(
         1,
         ge=1,

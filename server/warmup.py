@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from numpy.random import default_rng  # imported now: its ~2.5 MB is not a model's size
 
 from fleetserve.loaders.base import LoadedModel
 from fleetserve.server.config import ModelConfig
@@ -22,7 +23,7 @@ def warm_up(model_id: ModelId, model: LoadedModel, config: ModelConfig, folder: 
     model's warmup/ folder). A sample that fails fails the load: a version whose
     warm-up breaks never serves.
     """
-    rng = np.random.default_rng(0)
+    rng = default_rng(0)
     for sample in config.source.get("model_warmup", ()):
         what = f"model {model_id}: warm-up {sample.get('name', '')!r}"
         rows = sample.get("batch_size") or 1

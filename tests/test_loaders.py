@@ -17,7 +17,7 @@ import pytest
 
 from fleetserve.loaders import testing
 from fleetserve.loaders.base import InputError, LoadedModel, LoadError, LoadOptions, RunError
-from fleetserve.loaders.onnx import OnnxLoader
+from fleetserve.loaders.onnx import SESSION_BYTES, OnnxLoader
 from fleetserve.loaders.registry import loader_class
 
 DATATYPES = list(testing.V2_DATATYPES)
@@ -77,7 +77,7 @@ def test_fixed_shape_signature_keeps_concrete_dims(tmp_path):
 def test_size_bytes_is_the_estimate_from_the_file(tmp_path):
     path = write(tmp_path, testing.mlp())
     loader = OnnxLoader(path)
-    assert loader.estimate_bytes() == 2 * path.stat().st_size
+    assert loader.estimate_bytes() == 2 * path.stat().st_size + SESSION_BYTES
     assert loader.load().size_bytes == loader.estimate_bytes()
 
 

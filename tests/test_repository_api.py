@@ -574,7 +574,7 @@ def refusing_admin() -> AdminService:
     """An AdminService whose every use fails the test: a refused call must not reach it."""
     nothing = mock.NonCallableMock
     return AdminService(
-        nothing(), nothing(), nothing(), Settings(model_repository=Path("m")), nothing(), nothing()
+        nothing(), nothing(), nothing(), Settings(model_repository=Path("m")), nothing()
     )
 
 
