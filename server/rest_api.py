@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import math
 import re
 import time
@@ -35,8 +34,6 @@ from fleetserve.server.json_codec import (
     json_object,
 )
 from fleetserve.server.types import InferRequest
-
-log = logging.getLogger(__name__)
 
 PROTOCOL = "rest"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -84,8 +81,21 @@ def error_response(exc: ServerError) -> web.Response:
     )
 
 
+def header(request: web.BaseRequest, name: str) -> str | None:
+    """A request header as text: aiohttp keeps bytes that are not UTF-8 as surrogates,
+    which nothing downstream can encode, so they are the client's error, named here."""
+    value = request.headers.get(name)
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"header {name} is not valid UTF-8") from None
+    return value
+
+
 def endpoint(fn: Handler) -> Handler:
-    """Turn ServerError into the protocol's {"error": ...}; anything else into a 500."""
+    """Turn ServerError into the protocol's {"error": ...} (anything else is dispatch's)."""
 
     @functools.wraps(fn)
     async def wrapper(
@@ -94,10 +104,7 @@ def endpoint(fn: Handler) -> Handler:
         try:
             return await fn(self, request, *args)
         except ServerError as exc:
-            return error_response(exc)
-        except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            return error_response(Internal("internal server error"))
+            return self._error(request, exc)
 
     return wrapper
 
@@ -168,24 +175,31 @@ class RestApi:
         )  # type: ignore[arg-type]
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Route a request; whatever escapes a handler is the server's fault: a logged 500."""
         method, path = request.method, request.path
-        match = MODEL_PATH.fullmatch(path)
-        if match is not None and path != "/v2/models/stats":
-            handler = self._model.get((method, match["action"]))
-            if handler is not None:
-                return await handler(request, match["name"], match["version"])
-        else:
-            handler = self._fixed.get((method, path))
-            if handler is not None:
-                return await handler(request, None, None)
-            match = REPOSITORY_PATH.fullmatch(path)
-            if match is not None:
-                handler = self._repository.get((method, match["action"]))
+        try:
+            match = MODEL_PATH.fullmatch(path)
+            if match is not None and path != "/v2/models/stats":
+                handler = self._model.get((method, match["action"]))
                 if handler is not None:
-                    return await handler(request, match["name"], None)
-            match = ADMIN_PATH.fullmatch(path)
-            if match is not None and self._admin is not None:
-                return await self.admin(request, match["name"], match["version"], match["action"])
+                    return await handler(request, match["name"], match["version"])
+            else:
+                handler = self._fixed.get((method, path))
+                if handler is not None:
+                    return await handler(request, None, None)
+                match = REPOSITORY_PATH.fullmatch(path)
+                if match is not None:
+                    handler = self._repository.get((method, match["action"]))
+                    if handler is not None:
+                        return await handler(request, match["name"], None)
+                match = ADMIN_PATH.fullmatch(path)
+                if match is not None and self._admin is not None:
+                    name, version, action = match["name"], match["version"], match["action"]
+                    return await self.admin(request, name, version, action)
+        except Exception as exc:
+            error = Internal("internal server error")
+            error.__cause__ = exc
+            return self._error(request, error)
         return web.Response(
             status=404, body=error_body(f"no route {method} {path[:200]}"), content_type=JSON
         )
@@ -197,14 +211,14 @@ class RestApi:
             req = await self._decode(request, name, version)
         except ServerError as exc:
             self._service.reject(PROTOCOL, exc, started)
-            return self._failed(exc, "", name, version, started)
+            return self._failed(request, exc, "", name, version, started)
         try:
             resp = await self._service.infer(req, PROTOCOL, started)
             payload, header_length = encode_response(
                 resp, binary_default=req.parameters.get("binary_data_output") is True
             )
         except ServerError as exc:
-            return self._failed(exc, req.id, name, version, started)
+            return self._failed(request, exc, req.id, name, version, started)
         except asyncio.CancelledError:  # the client went away (nginx would say 499)
             if self._access_log:
                 logs.access(PROTOCOL, req.id or "-", name, version or "", 499, started)
@@ -212,7 +226,7 @@ class RestApi:
         except Exception as exc:
             error = Internal("internal server error")
             error.__cause__ = exc
-            return self._failed(error, req.id, name, version, started)
+            return self._failed(request, error, req.id, name, version, started)
         request_id = resp.id
         if self._access_log:  # off by default: then this test is all the hot path pays
             request_id = request_id or self._service.new_request_id()
@@ -225,26 +239,41 @@ class RestApi:
         return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
 
     def _failed(
-        self, exc: ServerError, request_id: str, name: str, version: str | None, started: float
+        self,
+        request: web.BaseRequest,
+        exc: ServerError,
+        request_id: str,
+        name: str,
+        version: str | None,
+        started: float,
     ) -> web.Response:
         """The answer to a failed infer request, which carries (and is logged with) its id."""
+        response = self._error(request, exc, request_id)
+        if self._access_log:
+            request_id = response.headers[REQUEST_ID_HEADER]
+            logs.access(PROTOCOL, request_id, name, version or "", response.status, started)
+        return response
+
+    def _error(
+        self, request: web.BaseRequest, exc: ServerError, request_id: str = ""
+    ) -> web.Response:
+        """A failed request's answer, carrying the request id it is logged with (a 500 at
+        ERROR with its traceback)."""
         response = error_response(exc)
         request_id = request_id or self._service.new_request_id()
         response.headers[REQUEST_ID_HEADER] = request_id
         logs.failed(PROTOCOL, request_id, response.status, exc)
-        if self._access_log:
-            logs.access(PROTOCOL, request_id, name, version or "", response.status, started)
         return response
 
     async def _decode(
         self, request: web.BaseRequest, name: str, version: str | None
     ) -> InferRequest:
-        header = request.headers.get(HEADER_LENGTH)
-        if header is not None and not (header.isascii() and header.isdigit()):
+        length = request.headers.get(HEADER_LENGTH)
+        if length is not None and not (length.isascii() and length.isdigit()):
             raise InvalidArgument(f"{HEADER_LENGTH} must be a non-negative integer")
         body = await self._read(request)
-        req = decode_request(body, int(header) if header else None, name, version)
-        key = request.headers.get(ROUTING_KEY_HEADER)
+        req = decode_request(body, int(length) if length else None, name, version)
+        key = header(request, ROUTING_KEY_HEADER)
         if key is not None:  # the header form of the "routing_key" parameter
             req.parameters.setdefault("routing_key", key)
         return req
@@ -331,10 +360,9 @@ class RestApi:
     # -- the admin API (bearer token, or loopback-only without one) ---------------------
 
     def _authorize(self, request: web.BaseRequest) -> None:
-        headers = request.headers
         self._admin.authorize(  # type: ignore[union-attr]
-            request.remote, headers.get("Authorization"), headers.get("Host", ""),
-            headers.get("Origin"),
+            request.remote, header(request, "Authorization"), header(request, "Host") or "",
+            header(request, "Origin"),
         )  # fmt: skip
 
     @endpoint
@@ -356,7 +384,7 @@ class RestApi:
                 return routing_response(admin.get_routing(name))
             if action == "routing" and method == "PUT":
                 doc = await self._json_body(request)
-                expected = request.headers.get("If-Match")
+                expected = header(request, "If-Match")
                 return routing_response(await admin.put_routing(name, doc, who, expected))
             if action == "config" and method == "PUT":
                 text = await self._text_body(request)
@@ -369,6 +397,7 @@ class RestApi:
                     f"of {self._max_upload} bytes"
                 )
             config, model = None, request.content.iter_chunked(1 << 20)
+            header(request, "Content-Type")  # multipart reads its boundary from it
             if request.content_type == "multipart/form-data":
                 config, model = await self._upload_parts(request)
             doc = await admin.upload(name, version, model, who, config)
