@@ -17,12 +17,12 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import BodyPartReader, web
 
-from fleetserve.server import logs
+from fleetserve.server import http_body, logs
 from fleetserve.server.admin import AdminService
 from fleetserve.server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
 from fleetserve.server.inference import InferenceService
@@ -68,17 +68,19 @@ ADMIN_PATH = re.compile(
 REPOSITORY_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>[a-z]+)")
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def error_response(exc: ServerError) -> web.Response:
-    headers = None
+    status, headers = STATUS[exc.kind], None
     if exc.kind is ErrorKind.UNAVAILABLE:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))}
     elif exc.kind is ErrorKind.UNAUTHENTICATED:
         headers = {"WWW-Authenticate": 'Bearer realm="fleetserve admin"'}
-    return web.Response(
-        status=STATUS[exc.kind], body=error_body(exc.message), content_type=JSON, headers=headers
-    )
+    elif isinstance(exc, http_body.Refused):
+        status, headers = exc.status, exc.headers
+    return web.Response(status=status, body=error_body(exc.message), content_type=JSON,
+                        headers=headers)  # fmt: skip
 
 
 def header(request: web.BaseRequest, name: str) -> str | None:
@@ -127,12 +129,14 @@ class RestApi:
         admin: AdminService | None = None,  # None: no repository or admin routes
         max_upload_bytes: int = 0,
         access_log: bool = False,
+        body_timeout: float = 60,
     ) -> None:
         self._service = service
         self._access_log = access_log
         self._admin = admin
         self._max_bytes = max_request_bytes
         self._max_upload = max_upload_bytes
+        self._body_timeout = body_timeout
         # (method, path) -> handler, for the paths without parameters
         self._fixed: dict[tuple[str, str], Handler] = {
             ("GET", "/v2/health/live"): self.live,
@@ -159,7 +163,7 @@ class RestApi:
                 ("POST", "unload"): self.repository_unload,
             }
 
-    def server(self, **kwargs: object) -> web.Server:
+    def server(self, **kwargs: Any) -> web.Server:
         """The low-level aiohttp server for these routes (kwargs go to aiohttp)."""
         max_bytes = self._max_bytes
 
@@ -169,10 +173,12 @@ class RestApi:
             )
 
         # handler_cancellation: a client that disconnects cancels its request (and takes
-        # it out of a batching queue)
+        # it out of a batching queue). auto_decompress=False: http_body decodes, bounded,
+        # with statuses of its own.
         return web.Server(
-            self.dispatch, request_factory=make_request, handler_cancellation=True, **kwargs
-        )  # type: ignore[arg-type]
+            self.dispatch, request_factory=make_request, handler_cancellation=True,
+            auto_decompress=False, **kwargs,
+        )  # fmt: skip
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         """Route a request; whatever escapes a handler is the server's fault: a logged 500."""
@@ -263,6 +269,8 @@ class RestApi:
         request_id = request_id or self._service.new_request_id()
         response.headers[REQUEST_ID_HEADER] = request_id
         logs.failed(PROTOCOL, request_id, response.status, exc)
+        if isinstance(exc, http_body.Refused) and exc.close:
+            response.force_close()
         return response
 
     async def _decode(
@@ -391,12 +399,9 @@ class RestApi:
                 await admin.put_config(name, text, who)
                 return json_response({"name": name})
         elif action is None and method == "PUT":
-            if request.content_length is not None and request.content_length > self._max_upload:
-                raise InvalidArgument(
-                    f"model file of {request.content_length} bytes exceeds the upload limit "
-                    f"of {self._max_upload} bytes"
-                )
-            config, model = None, request.content.iter_chunked(1 << 20)
+            http_body.check_length(request, self._max_upload, "model file", "upload limit")
+            http_body.identity_only(request, "a model upload")
+            config, model = None, http_body.stream(request, self._body_timeout, 1 << 20)
             header(request, "Content-Type")  # multipart reads its boundary from it
             if request.content_type == "multipart/form-data":
                 config, model = await self._upload_parts(request)
@@ -411,33 +416,36 @@ class RestApi:
         raise NotFound(f"no route {method} {request.path[:200]}")
 
     async def _read(self, request: web.BaseRequest) -> bytes:
-        """The whole body; aiohttp stops reading at the limit (client_max_size) and raises."""
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise InvalidArgument(
-                f"request body exceeds the limit of {self._max_bytes} bytes"
-            ) from None
+        """The whole body, decoded and bounded (http_body)."""
+        return await http_body.read(request, self._max_bytes, self._body_timeout)
 
     async def _upload_parts(
         self, request: web.BaseRequest
     ) -> tuple[str | None, AsyncIterator[bytes]]:
         """A multipart upload: an optional "config" part (config.pbtxt, bounded like any
         body), then the "model" part, streamed."""
-        reader = await request.multipart()
-        part = await reader.next()
+        timeout = self._body_timeout
+
+        async def step(read: Awaitable[T]) -> T:
+            try:
+                return await http_body.within(timeout, read)
+            except ValueError as exc:  # aiohttp's word for a malformed multipart body
+                raise InvalidArgument(f"malformed multipart body: {exc}") from None
+
+        reader = await step(request.multipart())
+        part = await step(reader.next())
         config = None
         if isinstance(part, BodyPartReader) and part.name == "config":
             raw = bytearray()
-            while chunk := await part.read_chunk():
+            while chunk := await step(part.read_chunk()):
                 raw += chunk
                 if len(raw) > self._max_bytes:
-                    raise InvalidArgument(f"config part exceeds {self._max_bytes} bytes")
+                    raise http_body.too_large(self._max_bytes, "config part")
             try:
                 config = raw.decode()
             except UnicodeDecodeError:
                 raise InvalidArgument("the config part must be UTF-8 text") from None
-            part = await reader.next()
+            part = await step(reader.next())
         if not isinstance(part, BodyPartReader) or part.name != "model":
             raise InvalidArgument(
                 'a multipart upload holds a "model" part, after an optional "config" part'
@@ -445,9 +453,9 @@ class RestApi:
         model = part
 
         async def chunks() -> AsyncIterator[bytes]:
-            while chunk := await model.read_chunk(1 << 20):
+            while chunk := await step(model.read_chunk(1 << 20)):
                 yield chunk
-            if await reader.next() is not None:
+            if await step(reader.next()) is not None:
                 raise InvalidArgument('nothing may follow the "model" part')
 
         return config, chunks()

@@ -185,6 +185,12 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30, ge=0, description="seconds in-flight requests get to finish on SIGTERM / SIGINT"
     )
+    http_body_timeout: float = Field(
+        60,
+        gt=0,
+        description="seconds a REST request's body may pause between two reads; then 408 "
+        "and the connection closes (nginx's client_body_timeout)",
+    )
     admin_token_file: Path | None = Field(
         None,
         description="file holding the bearer token of the admin API and repository control "

@@ -1,18 +1,28 @@
-"""The REST listener's edge, over raw sockets and real clients: header bytes that are
-not UTF-8, and 500s that are the server's own fault, logged with their request id.
+"""The REST listener's edge, over raw sockets and real clients: compressed and malformed
+bodies, header bytes that are not UTF-8, size limits refused from the header, the body
+timeout, and 500s that are the server's own fault, logged with their request id.
+
+Timing tests use small timeouts and generous margins: they check what happens (a 408),
+never how fast.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import shutil
 import socket
+import time
+import tracemalloc
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.http as httpclient
 
 from fleetserve.loaders import testing
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
@@ -112,18 +122,6 @@ def read_answer(sock: socket.socket, skip_continue: bool = True) -> Answer:
     return Answer(status, headers, data[:length])
 
 
-def closed_by_server(sock: socket.socket, within: float = WAIT_S) -> bool:
-    """True if the server closes the connection (EOF or reset) within `within` seconds
-    and sends nothing more."""
-    sock.settimeout(within)
-    try:
-        return sock.recv(65536) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
-
-
 def exchange(server: RunningServer, data: bytes) -> Answer:
     """Send `data` on a new connection; the answer."""
     with connect(server) as sock:
@@ -144,6 +142,128 @@ def errors(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.LogRecord]
     yield records
     records += [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not records, [r.getMessage() for r in records]
+
+
+# -- Content-Encoding ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "deflate", "GZip", "identity"])
+def test_a_compressed_body_is_decoded(server, encoding):
+    compress = {"deflate": zlib.compress, "identity": bytes}.get(encoding.lower(), gzip.compress)
+    answer = exchange(
+        server, request_bytes("POST", "/v2/models/mlp/infer", compress(DOC),
+                              {"Content-Encoding": encoding})
+    )  # fmt: skip
+    assert answer.status == 200, answer
+    plain = exchange(server, request_bytes("POST", "/v2/models/mlp/infer", DOC))
+    assert json.loads(answer.body) == json.loads(plain.body)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_request_compression_is_decoded(server, algorithm):
+    client = httpclient.InferenceServerClient(server.http)
+    x = httpclient.InferInput("INPUT0", [2, 16], "FP32")
+    data = np.arange(32, dtype=np.float32).reshape(2, 16)
+    x.set_data_from_numpy(data, binary_data=True)
+    plain = client.infer("mlp", [x]).as_numpy("OUTPUT0")
+    squeezed = client.infer("mlp", [x], request_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(squeezed.as_numpy("OUTPUT0"), plain)
+
+
+@pytest.mark.parametrize(("method", "path", "body"), BODY_ROUTES, ids=ROUTE_IDS)
+@pytest.mark.parametrize(
+    ("encoding", "payload", "problem"),
+    [
+        ("gzip", b"this is not gzip", "incorrect header check"),
+        ("deflate", b"this is not deflate", "incorrect header check"),
+        ("gzip", gzip.compress(DOC)[:-12], "truncated"),
+        ("gzip", gzip.compress(DOC) + b"trailing", "data after its end"),
+    ],
+    ids=["gzip", "deflate", "truncated", "trailing"],
+)  # fmt: skip
+def test_a_body_that_does_not_decode_is_400_naming_the_encoding(
+    server, errors, method, path, body, encoding, payload, problem
+):
+    answer = exchange(server, request_bytes(method, path, payload, {"Content-Encoding": encoding}))
+    assert answer.status == 400, answer
+    assert f"does not decode as {encoding}" in answer.error() and problem in answer.error()
+    still_serves(server)
+
+
+@pytest.mark.parametrize(("method", "path", "body"), BODY_ROUTES, ids=ROUTE_IDS)
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, deflate", "bogus"])
+def test_an_unsupported_encoding_is_415_naming_it(server, errors, method, path, body, encoding):
+    answer = exchange(server, request_bytes(method, path, body, {"Content-Encoding": encoding}))
+    assert answer.status == 415, answer
+    assert repr(encoding) in answer.error()
+    assert answer.headers["accept-encoding"] == "gzip, deflate"
+
+
+def test_a_decompression_bomb_is_cut_at_the_limit(server, errors):
+    """256 MiB of zeros in 256 KB of deflate: refused once LIMIT bytes are inflated,
+    and never inflated whole in memory (tracemalloc sees the server thread too)."""
+    squeeze = zlib.compressobj()
+    bomb = b"".join(squeeze.compress(bytes(1 << 20)) for _ in range(256)) + squeeze.flush()
+    assert len(bomb) < LIMIT
+    request = request_bytes("POST", "/v2/models/mlp/infer", bomb, {"Content-Encoding": "deflate"})
+    tracemalloc.start()
+    try:
+        answer = exchange(server, request)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert answer.status == 400, answer
+    assert f"exceeds the limit of {LIMIT} bytes" in answer.error()
+    assert peak < 16 * LIMIT
+    still_serves(server)
+
+
+def test_an_upload_takes_no_content_encoding(server, errors, repo):
+    answer = exchange(
+        server, request_bytes("PUT", "/v2/admin/models/mlp/versions/9", gzip.compress(b"x" * 100),
+                              {"Content-Encoding": "gzip"})
+    )  # fmt: skip
+    assert answer.status == 415, answer
+    assert "takes no Content-Encoding" in answer.error()
+    assert not (repo / "mlp" / "9").exists()
+
+
+# -- malformed bodies ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2/models/mlp/infer", "/v2/admin/models/mlp/versions/9"], ids=["infer", "upload"]
+)
+def test_a_client_gone_mid_body_is_no_error(server, errors, path):
+    with connect(server) as sock:
+        sock.sendall(request_bytes("POST" if "infer" in path else "PUT", path, b"{" * 100,
+                                   {"Content-Length": "10000"}))  # fmt: skip
+        time.sleep(0.2)  # the handler now waits for the rest
+    time.sleep(0.2)  # and hears the connection go
+    still_serves(server)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "problem"),
+    [
+        ("multipart/form-data", b"--x\r\n\r\n", "malformed multipart body: boundary missed"),
+        ("multipart/form-data; boundary=\xff", b"", "header Content-Type is not valid UTF-8"),
+        ("multipart/form-data; boundary=\xe9", b"", "malformed multipart body"),
+        ("multipart/form-data; boundary=xyz", b"--abc\r\n\r\nx\r\n--abc--\r\n",
+         "malformed multipart body: Could not find starting boundary"),
+        ("multipart/form-data; boundary=xyz", b"--xyz--\r\n", '"model" part'),
+    ],
+    ids=["no-boundary", "non-utf8-boundary", "non-ascii-boundary", "wrong-boundary", "empty"],
+)  # fmt: skip
+def test_a_malformed_multipart_upload_is_400(server, errors, repo, content_type, body, problem):
+    answer = exchange(
+        server, request_bytes("PUT", "/v2/admin/models/mlp/versions/9", body,
+                              {"Content-Type": content_type.encode("latin-1")
+                               if "\xff" in content_type else content_type.encode()})
+    )  # fmt: skip
+    assert answer.status == 400, answer
+    assert problem in answer.error()
+    assert not (repo / "mlp" / "9").exists()
 
 
 # -- header bytes that are not UTF-8 ---------------------------------------------------
@@ -193,6 +313,83 @@ def test_a_utf8_routing_key_still_routes(server, weighted):
     assert len(versions) == 1  # sticky: one key, one version
 
 
+# -- size limits, refused from the header ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "limit", "problem"),
+    [("POST", "/v2/models/mlp/infer", LIMIT, "request body of {} bytes exceeds the limit"),
+     ("PUT", "/v2/admin/models/mlp/routing", LIMIT, "request body of {} bytes exceeds the limit"),
+     ("PUT", "/v2/admin/models/mlp/versions/9", UPLOAD_LIMIT,
+      "model file of {} bytes exceeds the upload limit")],
+    ids=["infer", "admin", "upload"],
+)  # fmt: skip
+def test_a_content_length_over_the_limit_is_refused_before_the_body(
+    server, errors, method, path, limit, problem
+):
+    """Only the headers are sent: the answer comes at once and the connection closes,
+    so the body the client has not sent yet is never read."""
+    length = limit + 1
+    with connect(server) as sock:
+        sock.sendall(request_bytes(method, path, headers={"Content-Length": str(length)}))
+        answer = read_answer(sock)
+        assert answer.status == 400, answer
+        assert answer.error() == problem.format(length) + f" of {limit} bytes"
+        assert answer.headers["connection"].lower() == "close"
+
+
+def test_a_body_over_the_limit_without_a_length_is_refused_and_the_connection_closes(
+    server, errors
+):
+    with connect(server) as sock:
+        sock.sendall(
+            request_bytes("POST", "/v2/models/mlp/infer", headers={"Transfer-Encoding": "chunked"})
+        )
+        piece = b" " * 65536
+        for _ in range(LIMIT // len(piece) + 2):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        answer = read_answer(sock)
+        assert answer.status == 400, answer
+        assert f"exceeds the limit of {LIMIT} bytes" in answer.error()
+        assert answer.headers["connection"].lower() == "close"
+
+
+def test_an_answer_given_before_the_body_is_read_still_reaches_the_client(server):
+    """A request refused before its body is read (here: an unsupported encoding) is
+    answered while the client still sends; the server reads the rest (lingering, so the
+    client gets the answer, not a reset) and the connection serves on."""
+    body = b" " * (512 * 1024)
+    with connect(server) as sock:
+        sock.sendall(
+            request_bytes("POST", "/v2/models/mlp/infer", body[:1000],
+                          {"Content-Length": str(len(body)), "Content-Encoding": "br"})
+        )  # fmt: skip
+        assert read_answer(sock).status == 415
+        sock.sendall(body[1000:])
+        sock.sendall(request_bytes("POST", "/v2/models/mlp/infer", DOC))
+        assert read_answer(sock).status == 200
+
+
+def test_expect_100_continue_is_answered_before_the_body(server):
+    with connect(server) as sock:
+        sock.sendall(
+            request_bytes("POST", "/v2/models/mlp/infer",
+                          headers={"Content-Length": str(len(DOC)), "Expect": "100-continue"})
+        )  # fmt: skip
+        assert read_answer(sock, skip_continue=False).status == 100
+        sock.sendall(DOC)
+        assert read_answer(sock).status == 200
+
+
+def test_expect_100_continue_over_the_limit_is_refused_instead(server):
+    with connect(server) as sock:
+        sock.sendall(
+            request_bytes("POST", "/v2/models/mlp/infer",
+                          headers={"Content-Length": str(LIMIT + 1), "Expect": "100-continue"})
+        )  # fmt: skip
+        assert read_answer(sock, skip_continue=False).status == 400
+
+
 # -- 500s: the server's own faults, logged with their request id -----------------------
 
 
@@ -219,3 +416,53 @@ def test_a_server_fault_is_a_json_500_logged_with_its_request_id_and_traceback(s
     assert getattr(record, "request_id", None) == request_id
     assert request_id in record.getMessage()
     assert record.exc_info is not None and isinstance(record.exc_info[1], OSError)
+
+
+# -- read timeouts ---------------------------------------------------------------------
+
+BODY_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def quick(repo: Path) -> Iterator[RunningServer]:
+    """A server with a small body timeout."""
+    running = start_server(
+        test_settings(repo, http_body_timeout=BODY_S, admin_token=TOKEN)
+    )  # fmt: skip
+    yield running
+    stop_server(running)
+
+
+def test_a_stalled_body_gets_408_after_the_body_timeout(quick, errors):
+    with connect(quick) as sock:
+        sock.sendall(request_bytes("POST", "/v2/models/mlp/infer", DOC[:10],
+                                   {"Content-Length": str(len(DOC))}))  # fmt: skip
+        started = time.monotonic()
+        answer = read_answer(sock)
+        assert answer.status == 408, answer
+        assert "stalled" in answer.error()
+        assert time.monotonic() - started >= BODY_S * 0.9
+        assert answer.headers["connection"].lower() == "close"
+
+
+def test_a_slow_but_steady_body_is_read_whole(quick):
+    """The body timeout is counted between reads: a body that takes several timeouts in
+    all, but never pauses for one, is served."""
+    with connect(quick) as sock:
+        sock.sendall(
+            request_bytes("POST", "/v2/models/mlp/infer", headers={"Content-Length": str(len(DOC))})
+        )
+        pieces = [DOC[i : i + 20] for i in range(0, len(DOC), 20)]
+        assert len(pieces) * BODY_S / 3 > 2 * BODY_S
+        for piece in pieces:
+            time.sleep(BODY_S / 3)
+            sock.sendall(piece)
+        assert read_answer(sock).status == 200
+
+
+def test_a_stalled_upload_gets_408(quick, errors, repo):
+    with connect(quick) as sock:
+        sock.sendall(request_bytes("PUT", "/v2/admin/models/mlp/versions/9", b"x" * 100,
+                                   {"Content-Length": "1000"}))  # fmt: skip
+        assert read_answer(sock).status == 408
+    assert not (repo / "mlp" / "9").exists()
