@@ -110,7 +110,8 @@ class App:
             self.service, s.max_request_size, self.admin, s.max_upload_size, s.access_log,
             s.http_body_timeout,
         )  # fmt: skip
-        rest_runner = web.ServerRunner(rest.server(access_log=None), shutdown_timeout=timeout)
+        listener = rest.server(s.http_header_timeout, s.http_keepalive_timeout, access_log=None)
+        rest_runner = web.ServerRunner(listener, shutdown_timeout=timeout)
         self.http_port = await self._serve_http(rest_runner, s.http_port, "REST")
         if s.metrics_port >= 0:
             metrics_runner = web.AppRunner(

@@ -5,7 +5,9 @@ read. A compressed body (Content-Encoding gzip or deflate) is inflated step by s
 cut at the limit, so a decompression bomb never grows in memory. A client that stops
 sending mid-body is answered 408 after the body timeout, counted between two reads (as
 nginx's client_body_timeout), so a slow but steady upload is never cut. A body refused
-for its size, its stall or its framing gets an answer that closes the connection.
+for its size, its stall or its framing is not read on: the connection closes after the
+answer (other answers given before a body was read linger to read it, as aiohttp does,
+so that the client, still sending, gets the answer rather than a reset).
 """
 
 from __future__ import annotations

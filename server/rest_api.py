@@ -25,6 +25,7 @@ from aiohttp import BodyPartReader, web
 from fleetserve.server import http_body, logs
 from fleetserve.server.admin import AdminService
 from fleetserve.server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
+from fleetserve.server.http_connection import Listener
 from fleetserve.server.inference import InferenceService
 from fleetserve.server.json_codec import (
     decode_feedback,
@@ -163,7 +164,7 @@ class RestApi:
                 ("POST", "unload"): self.repository_unload,
             }
 
-    def server(self, **kwargs: Any) -> web.Server:
+    def server(self, header_timeout: float, keepalive_timeout: float, **kwargs: Any) -> Listener:
         """The low-level aiohttp server for these routes (kwargs go to aiohttp)."""
         max_bytes = self._max_bytes
 
@@ -175,8 +176,9 @@ class RestApi:
         # handler_cancellation: a client that disconnects cancels its request (and takes
         # it out of a batching queue). auto_decompress=False: http_body decodes, bounded,
         # with statuses of its own.
-        return web.Server(
+        return Listener(
             self.dispatch, request_factory=make_request, handler_cancellation=True,
+            header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
             auto_decompress=False, **kwargs,
         )  # fmt: skip
 

@@ -1,9 +1,10 @@
 """The REST listener's edge, over raw sockets and real clients: compressed and malformed
-bodies, header bytes that are not UTF-8, size limits refused from the header, the body
-timeout, and 500s that are the server's own fault, logged with their request id.
+bodies, header bytes that are not UTF-8, size limits refused from the header, the read
+timeouts (headers, body, keep-alive), SIGTERM with stalled clients, and 500s that are
+the server's own fault, logged with their request id.
 
-Timing tests use small timeouts and generous margins: they check what happens (a 408),
-never how fast.
+Timing tests use small timeouts and generous margins: they check what happens (a 408,
+a closed connection, an exit), never how fast.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import tritonclient.http as httpclient
 from fleetserve.loaders import testing
 from tests.conftest import RunningServer, start_server, stop_server, test_settings
 from tests.helpers import WAIT_S
+from tests.server_process import Server
 
 TOKEN = "edge-token"
 LIMIT = 1024 * 1024  # --max-request-size of the servers here
@@ -120,6 +122,18 @@ def read_answer(sock: socket.socket, skip_continue: bool = True) -> Answer:
         assert chunk, "connection closed inside a response body"
         data += chunk
     return Answer(status, headers, data[:length])
+
+
+def closed_by_server(sock: socket.socket, within: float = WAIT_S) -> bool:
+    """True if the server closes the connection (EOF or reset) within `within` seconds
+    and sends nothing more."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
 
 
 def exchange(server: RunningServer, data: bytes) -> Answer:
@@ -232,6 +246,37 @@ def test_an_upload_takes_no_content_encoding(server, errors, repo):
 
 
 @pytest.mark.parametrize(
+    "chunks",
+    [b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabcdef\r\n0\r\n\r\n", b"-1\r\nabc\r\n0\r\n\r\n"],
+    ids=["bad-size", "overrun", "negative"],
+)
+def test_bad_chunked_encoding_is_400_json_and_the_connection_closes(server, errors, chunks):
+    with connect(server) as sock:
+        sock.sendall(
+            request_bytes("POST", "/v2/models/mlp/infer", chunks, {"Transfer-Encoding": "chunked"})
+        )
+        answer = read_answer(sock)
+        assert answer.status == 400, answer
+        assert "chunk" in answer.error().lower()
+        assert closed_by_server(sock)
+    still_serves(server)
+
+
+def test_bad_chunk_after_the_handler_started_reading_is_400(server, errors):
+    with connect(server) as sock:
+        sock.sendall(
+            request_bytes("POST", "/v2/models/mlp/infer", b"4\r\n{\"in\r\n",
+                          {"Transfer-Encoding": "chunked"})
+        )  # fmt: skip
+        time.sleep(0.2)  # the handler now waits for the rest
+        sock.sendall(b"zz\r\n")
+        answer = read_answer(sock)
+    assert answer.status == 400, answer
+    assert "malformed" in answer.error() or "chunk" in answer.error()
+    still_serves(server)
+
+
+@pytest.mark.parametrize(
     "path", ["/v2/models/mlp/infer", "/v2/admin/models/mlp/versions/9"], ids=["infer", "upload"]
 )
 def test_a_client_gone_mid_body_is_no_error(server, errors, path):
@@ -336,6 +381,7 @@ def test_a_content_length_over_the_limit_is_refused_before_the_body(
         assert answer.status == 400, answer
         assert answer.error() == problem.format(length) + f" of {limit} bytes"
         assert answer.headers["connection"].lower() == "close"
+        assert closed_by_server(sock)
 
 
 def test_a_body_over_the_limit_without_a_length_is_refused_and_the_connection_closes(
@@ -351,7 +397,7 @@ def test_a_body_over_the_limit_without_a_length_is_refused_and_the_connection_cl
         answer = read_answer(sock)
         assert answer.status == 400, answer
         assert f"exceeds the limit of {LIMIT} bytes" in answer.error()
-        assert answer.headers["connection"].lower() == "close"
+        assert closed_by_server(sock)
 
 
 def test_an_answer_given_before_the_body_is_read_still_reaches_the_client(server):
@@ -420,17 +466,47 @@ def test_a_server_fault_is_a_json_500_logged_with_its_request_id_and_traceback(s
 
 # -- read timeouts ---------------------------------------------------------------------
 
-BODY_S = 1.0
+HEADER_S, BODY_S, IDLE_S = 1.0, 1.0, 1.5
 
 
 @pytest.fixture(scope="module")
 def quick(repo: Path) -> Iterator[RunningServer]:
-    """A server with a small body timeout."""
+    """A server with small read timeouts."""
     running = start_server(
-        test_settings(repo, http_body_timeout=BODY_S, admin_token=TOKEN)
+        test_settings(repo, http_header_timeout=HEADER_S, http_body_timeout=BODY_S,
+                      http_keepalive_timeout=IDLE_S, admin_token=TOKEN)
     )  # fmt: skip
     yield running
     stop_server(running)
+
+
+def timed_close(sock: socket.socket) -> tuple[bytes, float]:
+    """What the server sends until it closes the connection, and after how long."""
+    started, data = time.monotonic(), b""
+    sock.settimeout(WAIT_S)
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def test_partial_headers_get_408_after_the_header_timeout(quick, errors):
+    with connect(quick) as sock:
+        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+        data, after = timed_close(sock)
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), data
+    assert b"the request headers took longer than 1 s" in data
+    assert after >= HEADER_S * 0.9
+
+
+def test_headers_sent_slowly_within_the_timeout_are_served(quick):
+    request = request_bytes("POST", "/v2/models/mlp/infer", DOC)
+    head, body = request[: -len(DOC)], request[-len(DOC) :]
+    with connect(quick) as sock:
+        for i in range(0, len(head), len(head) // 4 + 1):
+            sock.sendall(head[i : i + len(head) // 4 + 1])
+            time.sleep(HEADER_S / 8)
+        sock.sendall(body)
+        assert read_answer(sock).status == 200
 
 
 def test_a_stalled_body_gets_408_after_the_body_timeout(quick, errors):
@@ -442,7 +518,7 @@ def test_a_stalled_body_gets_408_after_the_body_timeout(quick, errors):
         assert answer.status == 408, answer
         assert "stalled" in answer.error()
         assert time.monotonic() - started >= BODY_S * 0.9
-        assert answer.headers["connection"].lower() == "close"
+        assert closed_by_server(sock)
 
 
 def test_a_slow_but_steady_body_is_read_whole(quick):
@@ -466,3 +542,61 @@ def test_a_stalled_upload_gets_408(quick, errors, repo):
                                    {"Content-Length": "1000"}))  # fmt: skip
         assert read_answer(sock).status == 408
     assert not (repo / "mlp" / "9").exists()
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["after-connect", "after-a-response"])
+def test_an_idle_connection_closes_after_the_keepalive_timeout(quick, first):
+    with connect(quick) as sock:
+        if not first:
+            sock.sendall(request_bytes("GET", "/v2/health/live"))
+            assert read_answer(sock).status == 200
+        data, after = timed_close(sock)
+    assert data == b""
+    assert after >= IDLE_S * 0.9
+
+
+def test_a_kept_alive_connection_serves_requests_within_the_timeout(quick):
+    with connect(quick) as sock:
+        for _ in range(3):
+            sock.sendall(request_bytes("POST", "/v2/models/mlp/infer", DOC))
+            assert read_answer(sock).status == 200
+            time.sleep(IDLE_S / 3)
+
+
+# -- SIGTERM ---------------------------------------------------------------------------
+
+
+def test_sigterm_with_stalled_clients_and_nothing_in_flight_exits_at_once(repo):
+    """Idle, stalled-in-headers and stalled-in-body connections are not requests the
+    server works on: they close at once, though the drain time is a minute."""
+    shutdown_s = 60
+    with Server(
+        "--model-repository", str(repo), "--host", "127.0.0.1", "--http-port", "0",
+        "--grpc-port", "0", "--metrics-port", "0", "--shutdown-timeout", str(shutdown_s),
+        "--no-preload",
+    ) as process:  # fmt: skip
+        port = process.wait_ready()[0]
+        stalls = [
+            b"",
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Le",
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{",
+            b"PUT /v2/admin/models/mlp/versions/9 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Length: 5000\r\n\r\nonnx",
+            # answered (404) before its body came: the server lingers to read the rest
+            b"POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\nabc",
+        ]
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) for _ in stalls]
+        for sock, data in zip(socks, stalls, strict=True):
+            sock.sendall(data)
+        live = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+        live.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(live).status == 200  # and now idle, kept alive
+        time.sleep(0.5)  # the stalled requests are inside their handlers
+        started = time.monotonic()
+        code = process.stop(timeout=shutdown_s + 30)
+        took = time.monotonic() - started
+        for sock in [*socks, live]:
+            sock.close()
+    assert code == 0, "\n".join(process.lines)
+    assert took < shutdown_s / 4, f"exit took {took:.1f} s"
+    assert not [line for line in process.lines if "Traceback" in line or " ERROR " in line]
