@@ -119,7 +119,7 @@ async def read(request: web.BaseRequest, limit: int, timeout: float) -> bytes:
             if len(body) > limit:
                 raise too_large(limit)
             return body
-        await _continue(request)
+        await proceed(request)
         loop = asyncio.get_running_loop()
         chunks, size = [], 0
         async with asyncio.timeout(timeout) as deadline:
@@ -152,15 +152,15 @@ async def within(timeout: float, step: Awaitable[T]) -> T:
 
 
 async def stream(request: web.BaseRequest, timeout: float, size: int) -> AsyncIterator[bytes]:
-    """The body as sent, in chunks of at most `size` bytes (for uploads to disk)."""
-    await _continue(request)
+    """The body as sent, in chunks of at most `size` bytes (for uploads to disk; the
+    caller has called `proceed`)."""
     while chunk := await within(timeout, request.content.read(size)):
         yield chunk
 
 
-async def _continue(request: web.BaseRequest) -> None:
-    """Tell a client that sent `Expect: 100-continue` to send its body (once its headers
-    passed every check): it waits for this, or for the refusal, before sending it."""
+async def proceed(request: web.BaseRequest) -> None:
+    """Tell a client that sent `Expect: 100-continue` to send its body, once its headers
+    passed every check: it waits for this, or for the refusal, before sending it."""
     expect = request.headers.get("Expect")
     if expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1):
         await request.writer.write(CONTINUE)

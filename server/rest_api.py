@@ -403,8 +403,9 @@ class RestApi:
         elif action is None and method == "PUT":
             http_body.check_length(request, self._max_upload, "model file", "upload limit")
             http_body.identity_only(request, "a model upload")
-            config, model = None, http_body.stream(request, self._body_timeout, 1 << 20)
             header(request, "Content-Type")  # multipart reads its boundary from it
+            await http_body.proceed(request)
+            config, model = None, http_body.stream(request, self._body_timeout, 1 << 20)
             if request.content_type == "multipart/form-data":
                 config, model = await self._upload_parts(request)
             doc = await admin.upload(name, version, model, who, config)

@@ -427,6 +427,27 @@ def test_expect_100_continue_is_answered_before_the_body(server):
         assert read_answer(sock).status == 200
 
 
+def test_expect_100_continue_is_answered_before_a_multipart_upload(server, repo):
+    boundary = "edge-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"; filename="m"\r\n'
+        f"\r\n".encode()
+        + testing.mlp(seed=5)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    with connect(server) as sock:
+        sock.sendall(
+            request_bytes("PUT", "/v2/admin/models/fresh/versions/1",
+                          headers={"Content-Length": str(len(body)), "Expect": "100-continue",
+                                   "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        )  # fmt: skip
+        assert read_answer(sock, skip_continue=False).status == 100
+        sock.sendall(body)
+        answer = read_answer(sock)
+    assert answer.status == 201, answer
+    assert (repo / "fresh" / "1" / "model.onnx").read_bytes() == testing.mlp(seed=5)
+
+
 def test_expect_100_continue_over_the_limit_is_refused_instead(server):
     with connect(server) as sock:
         sock.sendall(
