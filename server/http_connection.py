@@ -38,7 +38,7 @@ JSON = "application/json"
 def _answer(status: int, reason: str, message: str) -> bytes:
     body = error_body(message)
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {JSON}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -83,14 +83,10 @@ class Connection(RequestHandler):
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-        elif between and data and self._header_timer is None and not self._closing:
+        elif between and data and self._header_timer is None and not self._close:
             self._header_timer = self._loop.call_later(
                 self._listener.header_timeout, self._headers_timed_out
             )
-
-    @property
-    def _closing(self) -> bool:
-        return self._close or self._force_close
 
     def _headers_timed_out(self) -> None:
         self._header_timer = None
