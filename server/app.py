@@ -110,9 +110,11 @@ class App:
 
         timeout = s.shutdown_timeout
         rest = RestApi(
-            self.service, s.max_request_size, self.admin, s.max_upload_size, s.access_log
-        )
-        rest_runner = web.ServerRunner(rest.server(access_log=None), shutdown_timeout=timeout)
+            self.service, s.max_request_size, self.admin, s.max_upload_size, s.access_log,
+            s.http_body_timeout,
+        )  # fmt: skip
+        listener = rest.server(s.http_header_timeout, s.http_keepalive_timeout, access_log=None)
+        rest_runner = web.ServerRunner(listener, shutdown_timeout=timeout)
         self.http_port = await self._serve_http(rest_runner, s.http_port, "REST")
         if s.metrics_port >= 0:
             metrics_runner = web.AppRunner(

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import BodyPartReader, web
 
-from fleetserve.server import logs
+from fleetserve.server import http_body, logs
 from fleetserve.server.admin import AdminService
 from fleetserve.server.errors import ErrorKind, Internal, InvalidArgument, NotFound, ServerError
+from fleetserve.server.http_connection import Listener
 from fleetserve.server.inference import InferenceService
 from fleetserve.server.json_codec import (
     decode_feedback,
@@ -35,8 +35,6 @@ from fleetserve.server.json_codec import (
     json_object,
 )
 from fleetserve.server.types import InferRequest
-
-log = logging.getLogger(__name__)
 
 PROTOCOL = "rest"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -71,21 +69,36 @@ ADMIN_PATH = re.compile(
 REPOSITORY_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>[a-z]+)")
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def error_response(exc: ServerError) -> web.Response:
-    headers = None
+    status, headers = STATUS[exc.kind], None
     if exc.kind is ErrorKind.UNAVAILABLE:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 1)))}
     elif exc.kind is ErrorKind.UNAUTHENTICATED:
         headers = {"WWW-Authenticate": 'Bearer realm="fleetserve admin"'}
-    return web.Response(
-        status=STATUS[exc.kind], body=error_body(exc.message), content_type=JSON, headers=headers
-    )
+    elif isinstance(exc, http_body.Refused):
+        status, headers = exc.status, exc.headers
+    return web.Response(status=status, body=error_body(exc.message), content_type=JSON,
+                        headers=headers)  # fmt: skip
+
+
+def header(request: web.BaseRequest, name: str) -> str | None:
+    """A request header as text: aiohttp keeps bytes that are not UTF-8 as surrogates,
+    which nothing downstream can encode, so they are the client's error, named here."""
+    value = request.headers.get(name)
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"header {name} is not valid UTF-8") from None
+    return value
 
 
 def endpoint(fn: Handler) -> Handler:
-    """Turn ServerError into the protocol's {"error": ...}; anything else into a 500."""
+    """Turn ServerError into the protocol's {"error": ...} (anything else is dispatch's)."""
 
     @functools.wraps(fn)
     async def wrapper(
@@ -94,10 +107,7 @@ def endpoint(fn: Handler) -> Handler:
         try:
             return await fn(self, request, *args)
         except ServerError as exc:
-            return error_response(exc)
-        except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            return error_response(Internal("internal server error"))
+            return self._error(request, exc)
 
     return wrapper
 
@@ -120,12 +130,14 @@ class RestApi:
         admin: AdminService | None = None,  # None: no repository or admin routes
         max_upload_bytes: int = 0,
         access_log: bool = False,
+        body_timeout: float = 60,
     ) -> None:
         self._service = service
         self._access_log = access_log
         self._admin = admin
         self._max_bytes = max_request_bytes
         self._max_upload = max_upload_bytes
+        self._body_timeout = body_timeout
         # (method, path) -> handler, for the paths without parameters
         self._fixed: dict[tuple[str, str], Handler] = {
             ("GET", "/v2/health/live"): self.live,
@@ -152,7 +164,7 @@ class RestApi:
                 ("POST", "unload"): self.repository_unload,
             }
 
-    def server(self, **kwargs: object) -> web.Server:
+    def server(self, header_timeout: float, keepalive_timeout: float, **kwargs: Any) -> Listener:
         """The low-level aiohttp server for these routes (kwargs go to aiohttp)."""
         max_bytes = self._max_bytes
 
@@ -162,30 +174,40 @@ class RestApi:
             )
 
         # handler_cancellation: a client that disconnects cancels its request (and takes
-        # it out of a batching queue)
-        return web.Server(
-            self.dispatch, request_factory=make_request, handler_cancellation=True, **kwargs
-        )  # type: ignore[arg-type]
+        # it out of a batching queue). auto_decompress=False: http_body decodes, bounded,
+        # with statuses of its own.
+        return Listener(
+            self.dispatch, request_factory=make_request, handler_cancellation=True,
+            header_timeout=header_timeout, keepalive_timeout=keepalive_timeout,
+            auto_decompress=False, **kwargs,
+        )  # fmt: skip
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Route a request; whatever escapes a handler is the server's fault: a logged 500."""
         method, path = request.method, request.path
-        match = MODEL_PATH.fullmatch(path)
-        if match is not None and path != "/v2/models/stats":
-            handler = self._model.get((method, match["action"]))
-            if handler is not None:
-                return await handler(request, match["name"], match["version"])
-        else:
-            handler = self._fixed.get((method, path))
-            if handler is not None:
-                return await handler(request, None, None)
-            match = REPOSITORY_PATH.fullmatch(path)
-            if match is not None:
-                handler = self._repository.get((method, match["action"]))
+        try:
+            match = MODEL_PATH.fullmatch(path)
+            if match is not None and path != "/v2/models/stats":
+                handler = self._model.get((method, match["action"]))
                 if handler is not None:
-                    return await handler(request, match["name"], None)
-            match = ADMIN_PATH.fullmatch(path)
-            if match is not None and self._admin is not None:
-                return await self.admin(request, match["name"], match["version"], match["action"])
+                    return await handler(request, match["name"], match["version"])
+            else:
+                handler = self._fixed.get((method, path))
+                if handler is not None:
+                    return await handler(request, None, None)
+                match = REPOSITORY_PATH.fullmatch(path)
+                if match is not None:
+                    handler = self._repository.get((method, match["action"]))
+                    if handler is not None:
+                        return await handler(request, match["name"], None)
+                match = ADMIN_PATH.fullmatch(path)
+                if match is not None and self._admin is not None:
+                    name, version, action = match["name"], match["version"], match["action"]
+                    return await self.admin(request, name, version, action)
+        except Exception as exc:
+            error = Internal("internal server error")
+            error.__cause__ = exc
+            return self._error(request, error)
         return web.Response(
             status=404, body=error_body(f"no route {method} {path[:200]}"), content_type=JSON
         )
@@ -197,14 +219,14 @@ class RestApi:
             req = await self._decode(request, name, version)
         except ServerError as exc:
             self._service.reject(PROTOCOL, exc, started)
-            return self._failed(exc, "", name, version, started)
+            return self._failed(request, exc, "", name, version, started)
         try:
             resp = await self._service.infer(req, PROTOCOL, started)
             payload, header_length = encode_response(
                 resp, binary_default=req.parameters.get("binary_data_output") is True
             )
         except ServerError as exc:
-            return self._failed(exc, req.id, name, version, started)
+            return self._failed(request, exc, req.id, name, version, started)
         except asyncio.CancelledError:  # the client went away (nginx would say 499)
             if self._access_log:
                 logs.access(PROTOCOL, req.id or "-", name, version or "", 499, started)
@@ -212,7 +234,7 @@ class RestApi:
         except Exception as exc:
             error = Internal("internal server error")
             error.__cause__ = exc
-            return self._failed(error, req.id, name, version, started)
+            return self._failed(request, error, req.id, name, version, started)
         request_id = resp.id
         if self._access_log:  # off by default: then this test is all the hot path pays
             request_id = request_id or self._service.new_request_id()
@@ -225,26 +247,43 @@ class RestApi:
         return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
 
     def _failed(
-        self, exc: ServerError, request_id: str, name: str, version: str | None, started: float
+        self,
+        request: web.BaseRequest,
+        exc: ServerError,
+        request_id: str,
+        name: str,
+        version: str | None,
+        started: float,
     ) -> web.Response:
         """The answer to a failed infer request, which carries (and is logged with) its id."""
+        response = self._error(request, exc, request_id)
+        if self._access_log:
+            request_id = response.headers[REQUEST_ID_HEADER]
+            logs.access(PROTOCOL, request_id, name, version or "", response.status, started)
+        return response
+
+    def _error(
+        self, request: web.BaseRequest, exc: ServerError, request_id: str = ""
+    ) -> web.Response:
+        """A failed request's answer, carrying the request id it is logged with (a 500 at
+        ERROR with its traceback)."""
         response = error_response(exc)
         request_id = request_id or self._service.new_request_id()
         response.headers[REQUEST_ID_HEADER] = request_id
         logs.failed(PROTOCOL, request_id, response.status, exc)
-        if self._access_log:
-            logs.access(PROTOCOL, request_id, name, version or "", response.status, started)
+        if isinstance(exc, http_body.Refused) and exc.close:
+            response.force_close()
         return response
 
     async def _decode(
         self, request: web.BaseRequest, name: str, version: str | None
     ) -> InferRequest:
-        header = request.headers.get(HEADER_LENGTH)
-        if header is not None and not (header.isascii() and header.isdigit()):
+        length = request.headers.get(HEADER_LENGTH)
+        if length is not None and not (length.isascii() and length.isdigit()):
             raise InvalidArgument(f"{HEADER_LENGTH} must be a non-negative integer")
         body = await self._read(request)
-        req = decode_request(body, int(header) if header else None, name, version)
-        key = request.headers.get(ROUTING_KEY_HEADER)
+        req = decode_request(body, int(length) if length else None, name, version)
+        key = header(request, ROUTING_KEY_HEADER)
         if key is not None:  # the header form of the "routing_key" parameter
             req.parameters.setdefault("routing_key", key)
         return req
@@ -331,10 +370,9 @@ class RestApi:
     # -- the admin API (bearer token, or loopback-only without one) ---------------------
 
     def _authorize(self, request: web.BaseRequest) -> None:
-        headers = request.headers
         self._admin.authorize(  # type: ignore[union-attr]
-            request.remote, headers.get("Authorization"), headers.get("Host", ""),
-            headers.get("Origin"),
+            request.remote, header(request, "Authorization"), header(request, "Host") or "",
+            header(request, "Origin"),
         )  # fmt: skip
 
     @endpoint
@@ -356,19 +394,18 @@ class RestApi:
                 return routing_response(admin.get_routing(name))
             if action == "routing" and method == "PUT":
                 doc = await self._json_body(request)
-                expected = request.headers.get("If-Match")
+                expected = header(request, "If-Match")
                 return routing_response(await admin.put_routing(name, doc, who, expected))
             if action == "config" and method == "PUT":
                 text = await self._text_body(request)
                 await admin.put_config(name, text, who)
                 return json_response({"name": name})
         elif action is None and method == "PUT":
-            if request.content_length is not None and request.content_length > self._max_upload:
-                raise InvalidArgument(
-                    f"model file of {request.content_length} bytes exceeds the upload limit "
-                    f"of {self._max_upload} bytes"
-                )
-            config, model = None, request.content.iter_chunked(1 << 20)
+            http_body.check_length(request, self._max_upload, "model file", "upload limit")
+            http_body.identity_only(request, "a model upload")
+            header(request, "Content-Type")  # multipart reads its boundary from it
+            await http_body.proceed(request)
+            config, model = None, http_body.stream(request, self._body_timeout, 1 << 20)
             if request.content_type == "multipart/form-data":
                 config, model = await self._upload_parts(request)
             doc = await admin.upload(name, version, model, who, config)
@@ -382,33 +419,36 @@ class RestApi:
         raise NotFound(f"no route {method} {request.path[:200]}")
 
     async def _read(self, request: web.BaseRequest) -> bytes:
-        """The whole body; aiohttp stops reading at the limit (client_max_size) and raises."""
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise InvalidArgument(
-                f"request body exceeds the limit of {self._max_bytes} bytes"
-            ) from None
+        """The whole body, decoded and bounded (http_body)."""
+        return await http_body.read(request, self._max_bytes, self._body_timeout)
 
     async def _upload_parts(
         self, request: web.BaseRequest
     ) -> tuple[str | None, AsyncIterator[bytes]]:
         """A multipart upload: an optional "config" part (config.pbtxt, bounded like any
         body), then the "model" part, streamed."""
-        reader = await request.multipart()
-        part = await reader.next()
+        timeout = self._body_timeout
+
+        async def step(read: Awaitable[T]) -> T:
+            try:
+                return await http_body.within(timeout, read)
+            except ValueError as exc:  # aiohttp's word for a malformed multipart body
+                raise InvalidArgument(f"malformed multipart body: {exc}") from None
+
+        reader = await step(request.multipart())
+        part = await step(reader.next())
         config = None
         if isinstance(part, BodyPartReader) and part.name == "config":
             raw = bytearray()
-            while chunk := await part.read_chunk():
+            while chunk := await step(part.read_chunk()):
                 raw += chunk
                 if len(raw) > self._max_bytes:
-                    raise InvalidArgument(f"config part exceeds {self._max_bytes} bytes")
+                    raise http_body.too_large(self._max_bytes, "config part")
             try:
                 config = raw.decode()
             except UnicodeDecodeError:
                 raise InvalidArgument("the config part must be UTF-8 text") from None
-            part = await reader.next()
+            part = await step(reader.next())
         if not isinstance(part, BodyPartReader) or part.name != "model":
             raise InvalidArgument(
                 'a multipart upload holds a "model" part, after an optional "config" part'
@@ -416,9 +456,9 @@ class RestApi:
         model = part
 
         async def chunks() -> AsyncIterator[bytes]:
-            while chunk := await model.read_chunk(1 << 20):
+            while chunk := await step(model.read_chunk(1 << 20)):
                 yield chunk
-            if await reader.next() is not None:
+            if await step(reader.next()) is not None:
                 raise InvalidArgument('nothing may follow the "model" part')
 
         return config, chunks()

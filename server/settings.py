@@ -197,6 +197,25 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30, ge=0, description="seconds in-flight requests get to finish on SIGTERM / SIGINT"
     )
+    http_header_timeout: float = Field(
+        60,
+        gt=0,
+        description="seconds a REST request's headers may take from their first byte; "
+        "then 408 and the connection closes (nginx's client_header_timeout)",
+    )
+    http_body_timeout: float = Field(
+        60,
+        gt=0,
+        description="seconds a REST request's body may pause between two reads; then 408 "
+        "and the connection closes (nginx's client_body_timeout)",
+    )
+    http_keepalive_timeout: float = Field(
+        75,
+        gt=0,
+        description="seconds an idle REST connection stays open for its next request (or "
+        "its first); keep it above the idle timeout of a load balancer in front (nginx's "
+        "keepalive_timeout)",
+    )
     admin_token_file: Path | None = Field(
         None,
         description="file holding the bearer token of the admin API and repository control "
