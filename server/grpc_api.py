@@ -30,6 +30,7 @@ from fleetserve.server.errors import (
     InvalidArgument,
     NotFound,
     ServerError,
+    Unavailable,
 )
 from fleetserve.server.inference import InferenceService
 from fleetserve.server.proto_codec import decode_infer, encode_infer, from_json
@@ -75,6 +76,25 @@ def internal_error(exc: Exception, request_id: str) -> Internal:
     return error
 
 
+def server_options(max_request_size: int, max_concurrent_streams: int) -> list[tuple[str, int]]:
+    """grpc-core's channel arguments for our server (docs/architecture.md, HTTP/2 abuse).
+
+    grpc-core advertises no stream limit by default, so one connection could open streams
+    without end, each a call for the event loop, and a client resetting them at once
+    ("Rapid Reset") never hits a limit. With a limit, its overload protection counts a
+    stream until its call is freed, reset or not, and refuses the rest in C before they
+    cost Python anything. Its other defaults already fit: PING floods get a GOAWAY
+    (keepalive enforcement: at most 2 pings per 5 minutes without data), header lists
+    past 16 KiB are refused per stream, pending calls are bounded (1000 soft, 3000 hard).
+    """
+    return [
+        ("grpc.max_receive_message_length", max_request_size),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", max_concurrent_streams),
+    ]
+
+
 def peer_address(peer: str) -> str | None:
     """The IP address in a grpc peer string: "ipv4:127.0.0.1:5000" -> "127.0.0.1",
     "ipv6:[::1]:5000" (or its %-encoded form) -> "::1"; None for anything else."""
@@ -97,6 +117,8 @@ class GrpcApi:
         self._service = service
         self._admin = admin
         self._access_log = access_log
+        self.in_flight = 0  # calls (and stream messages) being answered: grpc_drain waits
+        self.draining = False  # stopping: new inference answers UNAVAILABLE
 
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -131,6 +153,8 @@ class GrpcApi:
     async def _infer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         started = time.perf_counter()
         try:
+            if self.draining:
+                raise Unavailable("the server is shutting down")
             try:
                 req = decode_infer(request)
             except ServerError as exc:
@@ -172,6 +196,7 @@ class GrpcApi:
         """One response per request, in order; an error answers that request only."""
         async for raw in requests:
             request_id = ""
+            self.in_flight += 1
             try:
                 request = parse(raw, pb.ModelInferRequest)
                 request_id = request.id
@@ -190,6 +215,8 @@ class GrpcApi:
                     error_message=error.message,
                     infer_response=pb.ModelInferResponse(id=request_id),
                 )
+            finally:
+                self.in_flight -= 1
 
     # -- model repository extension (repository control: loopback-only for now) --------
 
@@ -235,6 +262,7 @@ class GrpcApi:
         """A unary method: parse the request, call `fn`, map every error to its status."""
 
         async def handler(raw: bytes | None, context: grpc.aio.ServicerContext) -> Any:
+            self.in_flight += 1
             try:
                 return await fn(parse(raw, request_type), context)
             except ServerError as exc:
@@ -244,6 +272,8 @@ class GrpcApi:
                 error = internal_error(exc, request_id)
                 logs.failed(PROTOCOL, request_id, grpc.StatusCode.INTERNAL.name, error)
                 await context.abort(grpc.StatusCode.INTERNAL, error.message)
+            finally:
+                self.in_flight -= 1
 
         return grpc.unary_unary_rpc_method_handler(
             handler, response_serializer=response_type.SerializeToString
