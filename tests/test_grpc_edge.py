@@ -155,6 +155,71 @@ def test_a_valid_request_succeeds_after_the_bad_ones(channel: grpc.Channel, repo
     np.testing.assert_array_equal(output.reshape(expected.shape), expected)
 
 
+# -- odd arguments: a status naming the problem, never INTERNAL or UNKNOWN -------------
+
+ODD_NAMES = ["", "x" * 100_000, "../../etc/passwd", "a/b", "\x00", "mlp\x00", " mlp", "MLP",
+             ".", "..", "é", "%2e%2e", "a" * 300]  # fmt: skip
+ODD_VERSIONS = ["", "0", "-1", "abc", "99999999999999999999999", "1.0", " 1", "+1", "01",
+                "\x00", "x" * 100_000, "٣", "1e3", "latest"]  # fmt: skip
+P = pb.InferParameter
+ODD_PARAMETERS = [P(bool_param=True), P(int64_param=-5), P(int64_param=2**63 - 1),
+                  P(string_param="x"), P(string_param=""), P(double_param=float("nan")),
+                  P(double_param=-1e300), P(uint64_param=2**64 - 1), P()]  # fmt: skip
+PARAMETER_KEYS = ["timeout", "priority", "sequence_id", "sequence_start", "binary_data",
+                  "binary_data_size", "classification", "routing_key", "binary_data_output",
+                  "shared_memory_region", "headers", "unknown"]  # fmt: skip
+
+
+def odd_requests() -> Iterator[tuple[str, Any]]:
+    """Requests with odd names, versions and parameters for every RPC that takes them."""
+    for name in ODD_NAMES:
+        for version in ODD_VERSIONS:
+            for method in ("ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"):
+                yield method, getattr(pb, f"{method}Request")(name=name, version=version)
+            request = mlp_request(mlp_input(1))
+            request.model_name, request.model_version = name or "mlp", version
+            yield "ModelInfer", request
+        yield "RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=name)
+        yield "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=name)
+    for key in PARAMETER_KEYS:
+        for value in ODD_PARAMETERS:
+            request = mlp_request(mlp_input(1))
+            request.parameters[key].CopyFrom(value)
+            request.inputs[0].parameters[key].CopyFrom(value)
+            request.outputs.add(name="OUTPUT0").parameters[key].CopyFrom(value)
+            yield "ModelInfer", request
+            load = pb.RepositoryModelLoadRequest(model_name="no_such_model")
+            load.parameters[key].string_param = "x"
+            yield "RepositoryModelLoad", load
+    for value in (pb.ModelRepositoryParameter(bool_param=True),
+                  pb.ModelRepositoryParameter(string_param="{"),
+                  pb.ModelRepositoryParameter(bytes_param=b"\xff"),
+                  pb.ModelRepositoryParameter()):  # fmt: skip
+        for key in ("config", "file:1/model.onnx", "file:"):
+            load = pb.RepositoryModelLoadRequest(model_name="mlp")
+            load.parameters[key].CopyFrom(value)
+            yield "RepositoryModelLoad", load
+    yield "RepositoryIndex", pb.RepositoryIndexRequest(repository_name="elsewhere")
+
+
+def test_odd_arguments_to_every_rpc_are_answered_by_a_status_naming_the_problem(
+    server: Any,
+) -> None:
+    unlimited = [("grpc.max_send_message_length", -1)]
+    offenders = []
+    with grpc.insecure_channel(server.grpc, options=unlimited) as channel:
+        for method, request in odd_requests():
+            call = channel.unary_unary(
+                SERVICE + method, request_serializer=type(request).SerializeToString
+            )
+            try:
+                call(request, timeout=30)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                    offenders.append((method, str(request)[:120], exc.code(), exc.details()))
+    assert offenders == []
+
+
 # -- a fault of the server's own ------------------------------------------------------
 
 
