@@ -25,7 +25,8 @@ from fleetserve.server.cache import ModelCache
 from fleetserve.server.errors import ServerError
 from fleetserve.server.event_loop import describe
 from fleetserve.server.feedback import FeedbackLog
-from fleetserve.server.grpc_api import GrpcApi
+from fleetserve.server.grpc_api import GrpcApi, server_options
+from fleetserve.server.grpc_drain import drain
 from fleetserve.server.inference import InferenceService
 from fleetserve.server.metrics import Metrics
 from fleetserve.server.repository import Repository
@@ -74,6 +75,7 @@ class App:
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._runners: list[web.BaseRunner] = []
         self._grpc: grpc.aio.Server | None = None
+        self._grpc_api: GrpcApi | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -123,14 +125,10 @@ class App:
             self.metrics_port = await self._serve_http(metrics_runner, s.metrics_port, "metrics")
         if s.grpc_port >= 0:
             self._grpc = grpc.aio.server(
-                options=[
-                    ("grpc.max_receive_message_length", s.max_request_size),
-                    ("grpc.max_send_message_length", -1),
-                    ("grpc.so_reuseport", 0),
-                ]
+                options=server_options(s.max_request_size, s.grpc_max_concurrent_streams)
             )
-            grpc_api = GrpcApi(self.service, self.admin, s.access_log)
-            self._grpc.add_generic_rpc_handlers(grpc_api.handlers())
+            self._grpc_api = GrpcApi(self.service, self.admin, s.access_log)
+            self._grpc.add_generic_rpc_handlers(self._grpc_api.handlers())
             if s.grpc_port:  # grpc's own bind error is vague and logged by grpc-core: ask first
                 self._bind(s.grpc_port, "gRPC").close()
             try:
@@ -212,7 +210,7 @@ class App:
             await asyncio.gather(self._poll, return_exceptions=True)
         tasks = [runner.cleanup() for runner in self._runners]
         if self._grpc is not None:
-            tasks.append(self._grpc.stop(grace=timeout))
+            tasks.append(self._stop_grpc(timeout))
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.service is not None:
             await self.service.close()  # shadow copies still running
@@ -224,6 +222,13 @@ class App:
         self.load_pool.shutdown(wait=True, cancel_futures=True)
         self.repository_pool.shutdown(wait=True, cancel_futures=True)
         log.info("fleetserve stopped")
+
+    async def _stop_grpc(self, timeout: float) -> None:
+        """Answer what is in flight and deliver it, then let grpc close (grpc_drain.py)."""
+        assert self._grpc is not None and self._grpc_api is not None
+        deadline = time.monotonic() + timeout
+        await drain(self._grpc_api, self.grpc_port, deadline)
+        await self._grpc.stop(grace=max(0.0, deadline - time.monotonic()))
 
 
 def _host(host: str) -> str:

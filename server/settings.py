@@ -121,6 +121,14 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="bind address of all three listeners")
     http_port: Port = Field(8000, description="REST port; 0 picks a free port")
     grpc_port: Port = Field(8001, description="gRPC port; 0 picks a free port, -1 turns gRPC off")
+    grpc_max_concurrent_streams: int = Field(
+        256,
+        ge=1,
+        le=2**31 - 1,
+        description="requests one gRPC connection may have in flight (HTTP/2 streams); "
+        "grpc-core counts a stream until its call is freed, so a client near the limit has "
+        "some refused (UNAVAILABLE)",
+    )
     metrics_port: Port = Field(
         8002, description="Prometheus port; 0 picks a free port, -1 turns metrics off"
     )

@@ -5,9 +5,9 @@ Each test starts the server as a subprocess on ephemeral ports (read back from i
 what `server.cli.serve` / `App.stop` guarantee:
 
 * in-flight requests (REST and gRPC) finish with a correct result;
-* the listeners close at once, so new connections are refused while draining
-  (readiness turning false is therefore not observable from outside: there is no
-  listener left to ask);
+* the REST and metrics listeners close at once, so new connections are refused while
+  draining; the gRPC listener stays until the calls in flight are answered and
+  delivered (server/grpc_drain.py), new inference calls meanwhile answering UNAVAILABLE;
 * the process exits 0, logs "fleetserve stopped" and no traceback.
 """
 
@@ -48,7 +48,6 @@ READY_LINE = re.compile(
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-LIVE_METHOD = "/inference.GRPCInferenceService/ServerLive"
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/task").is_dir(), reason="needs /proc to see server threads"
@@ -352,18 +351,9 @@ def test_sigterm_lets_in_flight_rest_request_finish_and_refuses_new_connections(
 
 
 def test_sigterm_lets_in_flight_grpc_request_finish_and_rejects_new_rpcs(start_server, slow_batch):
-    """The in-flight RPC asks for a small response (slow_head: the run of slow, one column).
-
-    grpc-core closes a drained connection as soon as the last response's bytes are handed
-    to the kernel, without a lingering close. If the client then sends anything (HTTP/2
-    WINDOW_UPDATE or PING frames, which it does while it reads a large response), the
-    server's kernel answers with a TCP reset and drops what it had not sent yet: a client
-    still reading a multi-MB response gets UNAVAILABLE "Stream removed (... Connection
-    reset by peer ... GOAWAY received ...)" (docs/architecture.md, graceful stop). This
-    response (at most 8192 rows x 4 bytes) fits the client's HTTP/2 window and socket
-    buffer, so all of it has left the server before the close and a reset cannot cut it,
-    however slowly a loaded test process reads.
-    """
+    """While the in-flight RPC runs, a new inference call (on a new connection) answers
+    UNAVAILABLE; the gRPC listener closes once the in-flight answer has been delivered
+    (tests/test_grpc_edge.py checks a large answer read slowly arrives whole)."""
     server = start_server()
     http_port, grpc_port, _ = server.wait_ready()
     pid = server.proc.pid
@@ -375,25 +365,17 @@ def test_sigterm_lets_in_flight_grpc_request_finish_and_rejects_new_rpcs(start_s
         wait_until_running(pid, baseline, pending)
         server.proc.send_signal(signal.SIGTERM)
 
-        wait_refused(grpc_port)
         wait_refused(http_port)
-        assert not pending.done(), "request finished before the listeners closed"
-        # a new RPC on a new connection while the old one drains: the listener is closed,
-        # so the connect is refused (UNAVAILABLE). A channel sharing the draining
-        # connection would instead send it to the stopping server if this process had not
-        # read the GOAWAY yet, and grpc-core answers that CANCELLED.
+        assert not pending.done(), "request finished before the REST listener closed"
         with grpc_channel(grpc_port, new_connection=True) as fresh:
-            live = fresh.unary_unary(
-                LIVE_METHOD,
-                request_serializer=pb.ServerLiveRequest.SerializeToString,
-                response_deserializer=pb.ServerLiveResponse.FromString,
-            )
             with pytest.raises(grpc.RpcError) as refused:
-                live(pb.ServerLiveRequest(), timeout=5)
+                infer_stub(fresh)(grpc_infer_request(x[:1]), timeout=5)
             assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert refused.value.details() == "the server is shutting down"
         assert not pending.done(), "request finished before the new RPC was rejected"
 
         response = pending.result(timeout=SHUTDOWN_TIMEOUT_S)
+        wait_refused(grpc_port)
     assert response.model_name == "slow_head"
     assert [o.name for o in response.outputs] == ["OUTPUT0"]
     assert list(response.outputs[0].shape) == [slow_batch, 1]
