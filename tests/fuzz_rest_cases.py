@@ -280,13 +280,13 @@ ODD_VALUES = st.sampled_from([b"\xff\xfe\x80", b"Bearer \xff\xfe", b"caf\xc3\xa9
 def raw_targets(draw: st.DrawFn) -> bytes:
     """A request target: a route of ours with any names in it, or any bytes."""
     kind = draw(st.integers(0, 4))
-    name = urllib.parse.quote(draw(model_names()), safe="")
+    model = draw(model_names())
+    name = urllib.parse.quote(model, safe="")
     if kind == 0:
         path = draw(st.sampled_from(ROUTES))
     elif kind == 1:
-        version = draw(versions())
         action = draw(st.sampled_from(MODEL_ACTIONS))
-        path = model_target(name, version, action).decode().rstrip("/")
+        path = model_target(model, draw(versions()), action).decode().rstrip("/")
     elif kind == 2:
         path = f"/v2/repository/models/{name}/" + draw(st.sampled_from(["load", "unload", "x"]))
     elif kind == 3:
