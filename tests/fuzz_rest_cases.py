@@ -53,6 +53,14 @@ class HttpCase:
     version: bytes = b"HTTP/1.1"
     host: bool = True  # send Host (HTTP/1.1 requires it)
 
+    def __repr__(self) -> str:
+        """The request as sent: `doc` may nest thousands of levels, past any pretty
+        printer's recursion, and the body holds it anyway."""
+        return f"HttpCase(wire={self.wire()[:4000]!r})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # Hypothesis's printer
+        printer.text(repr(self))
+
     def wire(self) -> bytes:
         """The request's bytes; always complete, and always asking to close after it."""
         headers = [(b"Host", b"127.0.0.1")] if self.host else []

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.conftest import start_server, stop_server, test_settings
 from tests.fuzz_cases import ADMIN_TOKEN, build_repository
@@ -33,6 +33,8 @@ FUZZ = settings(
     database=None,
     suppress_health_check=list(HealthCheck),
     print_blob=False,
+    # no explain phase: it traces every line (Python < 3.12), minutes for these cases
+    phases=[Phase.explicit, Phase.generate, Phase.shrink],
 )
 EXAMPLES = {"json": 250, "feedback": 100, "binary": 200, "http": 250, "grpc": 250,
             "grpc_bytes": 150}  # fmt: skip
