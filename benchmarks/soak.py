@@ -2,7 +2,8 @@
 
 A benchmark, not a test. It starts `python -m fleetserve serve` on ephemeral ports over a
 repository of --models models (cache_bench.py's: the 16->64->4 MLP, every 10th a
-16->512->512->4 one), with a small memory budget (--max-loaded-bytes), feedback logging
+16->512->512->4 one), with a small memory budget (--max-loaded-mib: a tenth of what the
+models take loaded, but room for every request in flight), feedback logging
 on (--feedback-sample-rate) and an admin token, then for --duration seconds:
 
 - --rest-clients aiohttp and --grpc-clients grpc.aio clients, each in a closed loop, pick
@@ -100,7 +101,16 @@ class Soak:
         self.totals: Counter[str] = Counter()
         self.samples: list[dict[str, Any]] = []
         self.admin: Counter[str] = Counter()
+        self.failures: list[dict[str, Any]] = []
+        self.started = time.monotonic()
         self.stop = asyncio.Event()
+
+    def failed(self, model: str, outcome: str, message: str) -> None:
+        """Keep the first failures' messages for the report (what they were, and when)."""
+        if len(self.failures) < 50:
+            t_s = round(time.monotonic() - self.started, 1)
+            self.failures.append({"t_s": t_s, "model": model, "outcome": outcome,
+                                  "message": message[:500]})  # fmt: skip
 
     def expected(self, model: str) -> np.ndarray:
         return self.kinds.expected[kind_of(int(model[1:]), mixed=True)]
@@ -118,6 +128,8 @@ class Soak:
             if resp.status == 200:
                 got = np.asarray(orjson.loads(body)["outputs"][0]["data"], np.float32)
                 outcome = "ok" if np.array_equal(got, self.expected(model)) else "wrong"
+            else:
+                self.failed(model, outcome, body.decode(errors="replace"))
             self.interval.add("rest", time.perf_counter() - t0, outcome)
 
     async def grpc_client(self, stub: Any) -> None:
@@ -139,6 +151,7 @@ class Soak:
                 outcome = "ok" if np.array_equal(got, self.expected(model)) else "wrong"
             except grpc.aio.AioRpcError as exc:
                 outcome = exc.code().name
+                self.failed(model, outcome, exc.details() or "")
             self.interval.add("grpc", time.perf_counter() - t0, outcome)
 
     async def operator(self, session: Any) -> None:
@@ -326,7 +339,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=600, help="seconds (default 600)")
     ap.add_argument("--models", type=int, default=1000)
-    ap.add_argument("--max-loaded-mib", type=int, default=16, help="the server's budget")
+    # a budget the requests in flight can fill (clients x the largest model, 4.4 MB when
+    # measured) answers a newcomer 503 "no room", by design: 40 MiB holds 8 in use
+    ap.add_argument("--max-loaded-mib", type=int, default=40, help="the server's budget")
     ap.add_argument("--rest-clients", type=int, default=4)
     ap.add_argument("--grpc-clients", type=int, default=4)
     ap.add_argument("--feedback-sample-rate", type=float, default=0.1)
@@ -335,6 +350,8 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=10, help="seconds between samples")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "soak.json")
     ap.add_argument("--plot", type=Path, default=HERE / "out" / "soak.png")
+    ap.add_argument("--server-log", type=Path, default=HERE / "out" / "soak-server.log",
+                    help="the server's log lines (every load and eviction)")  # fmt: skip
     args = ap.parse_args()
     kinds = Kinds.build()
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
@@ -354,6 +371,8 @@ def main() -> int:
             print(f"soak: {args.duration:.0f} s, server pid {server.proc.pid}", flush=True)
             asyncio.run(soak.run())
             exit_code = server.stop()
+    args.server_log.parent.mkdir(parents=True, exist_ok=True)
+    args.server_log.write_text("\n".join(server.lines) + "\n")
     report = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "git_commit": git_commit(), "machine": machine_info(), "command": " ".join(sys.argv),
@@ -365,6 +384,7 @@ def main() -> int:
                      "interval_s": args.interval,
                      "routed_model": soak.routed, "uploaded_model": soak.uploaded},
         "outcomes": dict(soak.totals.most_common()), "admin": dict(soak.admin),
+        "failures": soak.failures,
         "rss_plateau": plateau(soak.samples), "server_exit_code": exit_code,
         "samples": soak.samples,
     }  # fmt: skip
@@ -374,6 +394,8 @@ def main() -> int:
     draw(report, args.plot)
     server_errors = {k: n for k, n in soak.totals.items() if k.split()[1] in SERVER_ERRORS}
     wrong = {k: n for k, n in soak.totals.items() if k.endswith(" wrong")}
+    for failure in soak.failures:
+        print(f"  failed: {failure}")
     print(f"outcomes {report['outcomes']}\nadmin {report['admin']}\n"
           f"RSS plateau {report['rss_plateau']}\nserver exit {exit_code}; "
           f"report {args.out}, plot {args.plot}")  # fmt: skip
