@@ -10,6 +10,11 @@ if the process dies within `flush_s` of it; a graceful stop writes everything.
 A full buffer (the sink is behind) applies the policy: `drop` counts the record as
 dropped and warns (at most once a minute), `block` makes the request wait for room,
 at most `flush_s` seconds, then drops. Either way memory stays bounded.
+
+A sink that fails (its disk full, its database locked) loses the batch it was given,
+counted as dropped; the writer goes on trying with the next batches, so logging
+resumes by itself when the sink works again. The failure is logged once with its
+traceback, then at most once a minute while it lasts, and its end once.
 """
 
 from __future__ import annotations
@@ -56,6 +61,10 @@ class FeedbackLog:
         self._room = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._warned = 0.0
+        # while the sink fails: since when, records lost since then, the last warning
+        self._failing_since: float | None = None
+        self._lost = 0
+        self._failure_warned = 0.0
         self._closing = False
         # wake the writer early once this many wait (a small buffer must not sit full)
         self._wake_at = min(BATCH, max(1, capacity // 2))
@@ -147,6 +156,7 @@ class FeedbackLog:
                 self.written += n
             else:  # that batch is lost
                 self.dropped += n
+                self._lost += n
 
     def _commit(self, batch: list[Record]) -> None:
         if self._sink is None:
@@ -162,17 +172,40 @@ class FeedbackLog:
             log.info("feedback retention removed %d records", gone)
 
     async def _in_writer(self, fn: Callable[..., object], *args: object) -> bool:
-        """Run on the writer thread; a failing sink is logged, never fatal. Shielded: a
+        """Run on the writer thread; a failing sink is reported, never fatal. Shielded: a
         job that started always finishes (its batch is already off the buffer)."""
         future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("feedback sink failed")
+        except Exception as exc:
+            self._failed(exc)
             return False
+        if self._failing_since is not None:
+            log.warning(
+                "feedback sink works again after %.0fs; it lost %d records meanwhile",
+                time.monotonic() - self._failing_since, self._lost,
+            )  # fmt: skip
+            self._failing_since = None
         return True
+
+    def _failed(self, exc: Exception) -> None:
+        """Log a sink failure: a lasting one (a full disk) once, then once a minute, not
+        once a batch (twice a second, crowding every other line out of the log)."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since, self._failure_warned, self._lost = now, now, 0
+            log.warning(
+                "feedback sink failed: %s; records are dropped (counted in "
+                "fleetserve_feedback_dropped_total) until it works again", exc, exc_info=exc,
+            )  # fmt: skip
+        elif now - self._failure_warned > WARN_EVERY_S:
+            self._failure_warned = now
+            log.warning(
+                "feedback sink still failing after %.0fs (%d records dropped): %s",
+                now - self._failing_since, self._lost, exc,
+            )  # fmt: skip
 
     def _close_sink(self) -> None:
         if self._sink is not None:

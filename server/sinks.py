@@ -194,9 +194,11 @@ class SqliteSink(Sink):
         return (pages - free) * self._db.execute("PRAGMA page_size").fetchone()[0]
 
     def close(self) -> None:
-        self.flush()
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._db.close()
+        try:
+            self.flush()
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # fails on a full disk
+        finally:
+            self._db.close()
 
 
 # --feedback-sink name -> how to make it from the data directory and the fsync option
